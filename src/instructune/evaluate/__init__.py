@@ -1,0 +1,1 @@
+"""Evaluation: generation, metrics and significance tests for base vs fine-tuned models."""

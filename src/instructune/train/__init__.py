@@ -1,0 +1,1 @@
+"""Training: collation and completion masks (pure functions), the masking audit, the training loop."""

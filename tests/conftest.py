@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny randomly initialised causal LMs with a tokenizer built locally, and tiny task data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+CORPUS = [
+    "The delivery of my order is late and the parcel never arrived.",
+    "I was charged twice on my invoice, please refund the payment.",
+    "The app crashes when I log in to my account.",
+    "Summarize the following text. The database server restarted at noon after a disk failure.",
+    "Translate this sentence to French: the cat eats the fish. Le chat mange le poisson.",
+    "Read the following passage and answer the question. Maria founded Bluefin Labs in Lisbon in 1998.",
+    "Identify and classify the entities: Barack Obama was born in Hawaii. person organization location none",
+    "positive negative billing delivery technical account Category Answer Entities Summary Question Passage",
+] * 4
+
+
+def build_tiny_model(path: Path, chat: bool = True, seed: int = 0) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>" if chat else "<|endoftext|>",
+                                  pad_token="<|endoftext|>", bos_token="<|endoftext|>" if not chat else None)
+    if chat:
+        tok.chat_template = CHATML
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.bos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-chat"), chat=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_plain_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-plain"), chat=False)
+
+
+TASK_RECORDS = {
+    "classification": lambda i: {"text": f"Message number {i}: " + ["I was charged twice", "my parcel is late",
+                                                                     "the app crashes", "reset my password"][i % 4],
+                                 "label": ["billing", "delivery", "technical", "account"][i % 4]},
+    "summarization": lambda i: {"text": f"Server {i} restarted at noon after a disk failure. Users saw errors for {i} minutes.",
+                                "summary": f"Server {i} restarted after a disk failure."},
+    "translation": lambda i: {"text": f"The cat eats {i} fish.", "translation": f"Le chat mange {i} poissons."},
+    "qa": lambda i: {"context": f"Maria founded Bluefin Labs in {1900 + i}.", "question": "When was Bluefin Labs founded?",
+                     "answer": str(1900 + i)},
+    "ner": lambda i: {"text": f"Maria {i} visited Lisbon for Bluefin Labs.",
+                      "entities": [{"text": f"Maria {i}", "type": "person"}, {"text": "Lisbon", "type": "location"},
+                                   {"text": "Bluefin Labs", "type": "organization"}]},
+}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def tiny_config(tmp_path: Path, model: Path, task_types=("classification",), n_train=12, **train) -> dict:
+    """A config dict for a tiny run over hand-made records of the given task types."""
+    tasks = []
+    for t in task_types:
+        rows = [TASK_RECORDS[t](i) for i in range(n_train + 10)]
+        base = tmp_path / "data" / t
+        tasks.append({"name": f"tiny_{t}", "type": t, "data": {
+            "train": str(write_jsonl(base / "train.jsonl", rows[:n_train])),
+            "validation": str(write_jsonl(base / "validation.jsonl", rows[n_train:n_train + 4])),
+            "test": str(write_jsonl(base / "test.jsonl", rows[n_train + 4:]))}, "max_new_tokens": 8})
+    return {"name": "tiny", "output_dir": str(tmp_path / "run"), "model": {"name": str(model)}, "tasks": tasks,
+            "baseline": {"k": 2}, "train": {"epochs": 1, "batch_size": 4, "max_length": 256, **train},
+            "evaluate": {"batch_size": 8, "max_new_tokens": 8}}
+
+
+def write_config(tmp_path: Path, cfg: dict, name: str = "config.yaml") -> Path:
+    import yaml
+
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path):
+    # No test may reach a hub; converted models go to a per-test cache unless a test says otherwise.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    if "INSTRUCTUNE_CACHE" not in os.environ:
+        monkeypatch.setenv("INSTRUCTUNE_CACHE", str(tmp_path / "cache"))

@@ -1,0 +1,89 @@
+"""Completion-only loss: no prompt or padding token is trained, the end-of-sequence token is, padding changes nothing."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from instructune.errors import InstructuneError
+from instructune.prompts import Pair, PromptFormat
+from instructune.prompts.format import Encoded
+from instructune.train.collate import IGNORE, audit_masking, collate, completion_loss_sum, length_grouped_batches
+
+
+def pair(prompt, completion):
+    return Pair([{"role": "user", "content": prompt}], completion, "x.jsonl:1")
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_only_completion_and_eos_are_trained(tiny_model, tiny_plain_model, chat):
+    tok = AutoTokenizer.from_pretrained(tiny_model if chat else tiny_plain_model)
+    fmt = PromptFormat(tok, chat=chat, separator="\nCategory: ")
+    enc = fmt.encode(pair("Classify: my parcel is late", "delivery"), max_length=128)
+    prompt_ids = fmt.encode_prompt(fmt.prompt_text([{"role": "user", "content": "Classify: my parcel is late"}]))
+    n = len(prompt_ids)
+    assert enc.input_ids[:n] == prompt_ids  # generation sees exactly the training prompt
+    assert all(l == IGNORE for l in enc.labels[:n])  # no prompt token trained
+    supervised = [l for l in enc.labels if l != IGNORE]
+    assert supervised == enc.input_ids[n:]
+    assert supervised[-1] == tok.eos_token_id  # end-of-sequence trained
+    assert "delivery" in tok.decode(supervised)
+    assert "Classify" not in tok.decode(supervised)
+
+
+def test_padding_is_masked_and_left_aligned():
+    a = Encoded([5, 6, 7, 8], [IGNORE, IGNORE, 7, 8])
+    b = Encoded([5, 6, 7, 8, 9, 10, 11], [IGNORE] * 5 + [10, 11])
+    batch = collate([a, b], pad_id=0)
+    assert batch["input_ids"].tolist() == [[0, 0, 0, 5, 6, 7, 8], [5, 6, 7, 8, 9, 10, 11]]
+    assert batch["attention_mask"].tolist() == [[0, 0, 0, 1, 1, 1, 1], [1] * 7]
+    assert batch["labels"].tolist() == [[IGNORE] * 5 + [7, 8], [IGNORE] * 5 + [10, 11]]  # pads never trained
+    assert batch["position_ids"].tolist() == [[0, 0, 0, 0, 1, 2, 3], list(range(7))]
+    assert batch["n_supervised"] == 4
+    assert batch["logits_to_keep"] == 3  # logits only from the position before the first completion token
+
+
+def test_padded_batch_loss_equals_unpadded(tiny_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    torch.manual_seed(0)
+    exs = [Encoded(ids := torch.randint(3, 300, (n,)).tolist(), [IGNORE] * (n - c) + ids[n - c:]) for n, c in [(9, 3), (20, 6), (14, 1)]]
+    with torch.no_grad():
+        alone = sum(completion_loss_sum(model, collate([e], 0)).item() for e in exs)
+        together = completion_loss_sum(model, collate(exs, 0)).item()
+        # and the same as the full-logits loss the model computes itself
+        full = 0.0
+        for e in exs:
+            out = model(input_ids=torch.tensor([e.input_ids]))
+            logits, labels = out.logits[0, :-1], torch.tensor(e.labels[1:])
+            full += torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum").item()
+    assert together == pytest.approx(alone, rel=1e-5)
+    assert together == pytest.approx(full, rel=1e-5)
+
+
+def test_audit_refuses_data_with_no_supervised_token():
+    with pytest.raises(InstructuneError, match="no token of this example is supervised"):
+        audit_masking([Encoded([1, 2, 3], [IGNORE] * 3, "d.jsonl:7")], {3}, "train")
+    with pytest.raises(InstructuneError, match="d.jsonl:7"):
+        audit_masking([Encoded([1, 2, 3], [IGNORE] * 3, "d.jsonl:7")], {3}, "train")
+
+
+def test_audit_requires_end_of_sequence_trained():
+    with pytest.raises(InstructuneError, match="not an end-of-sequence"):
+        audit_masking([Encoded([1, 2, 3], [IGNORE, 2, 3], "d.jsonl:2")], {9}, "train")
+    report = audit_masking([Encoded([1, 2, 9], [IGNORE, 2, 9])], {9}, "train")
+    assert report["supervised_tokens"] == 2 and report["supervised_share"] == pytest.approx(2 / 3)
+
+
+def test_truncation_keeps_the_completion_and_its_eos(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    fmt = PromptFormat(tok, chat=True)
+    enc = fmt.encode(pair("word " * 200, "billing"), max_length=32)
+    assert len(enc.input_ids) == 32
+    sup = [l for l in enc.labels if l != IGNORE]
+    assert sup[-1] == tok.eos_token_id and "billing" in tok.decode(sup)
+
+
+def test_length_grouped_batches_cover_every_example_once():
+    lengths = [5, 50, 7, 48, 6, 49, 8, 47, 3]
+    batches = length_grouped_batches(lengths, 2, seed=1)
+    assert sorted(i for b in batches for i in b) == list(range(9))
+    assert batches == length_grouped_batches(lengths, 2, seed=1)
