@@ -74,7 +74,8 @@ TASK_RECORDS = {
 }
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
+def write_jsonl(path, rows: list[dict]) -> Path:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

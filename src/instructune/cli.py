@@ -63,7 +63,7 @@ def baseline(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set
 
     cfg = _config(config, set_)
     prep = prepare(cfg)
-    run_baseline(prep, start_run(cfg))
+    run_baseline(prep, start_run(cfg, prep))
 
 
 @app.command()
@@ -74,7 +74,7 @@ def train(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", 
 
     cfg = _config(config, set_)
     prep = prepare(cfg)
-    out = run_train(prep, start_run(cfg))
+    out = run_train(prep, start_run(cfg, prep))
     typer.echo(f"model written to {out}")
 
 

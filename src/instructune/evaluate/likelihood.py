@@ -1,0 +1,178 @@
+"""Rank classification: score every choice's completion, exactly as trained, by its log-probability given the prompt.
+
+Instead of generating text and parsing a label out of it, each choice is scored as a completion: the tokens of
+`fmt.completion_text(choice)` plus the end-of-turn/EOS token that training appends (`PromptFormat.encode`), summed
+log-probabilities given the prompt. The prediction is the best-scoring choice, so it is always a valid label.
+
+The work per batch of prompts is one forward pass over the prompts (KV cache kept, vocabulary projection only at
+the last position), then one small pass over the choices' tokens with that cache repeated once per choice. The
+token prefix that all prompts share (system prompt, instruction) is computed once and its cache reused for every
+batch. Choices that share a token prefix ("very positive" / "very negative") are scored on separate rows, so their
+sums stay exact."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+from tqdm.auto import tqdm
+
+from ..prompts.format import PromptFormat
+from ..prompts.template import Pair
+from ..train.loop import autocast
+
+IGNORE = -100
+# Ceiling on the logits of one choice pass (float32 elements, 256 MiB): many long choices are split into groups.
+LOGIT_BUDGET = 1 << 26
+_PROBE = [{"role": "user", "content": "x"}]
+
+
+def completion_ids(fmt: PromptFormat, choice: str) -> list[int]:
+    """The token ids a model is trained on for `choice` as the answer: its completion text and the end token.
+
+    Taken from `PromptFormat.encode` itself (its supervised labels), so scoring follows training exactly."""
+    encoded = fmt.encode(Pair(_PROBE, choice), max_length=1 << 30)
+    return [t for t in encoded.labels if t != IGNORE]
+
+
+def _truncate(ids: list[int], keep: int) -> list[int]:
+    # As PromptFormat.encode does: keep the first token (BOS / template start) and the end, which holds the question.
+    return ids if len(ids) <= keep else ids[:1] + ids[len(ids) - keep + 1:]
+
+
+def _cache_kwarg(model) -> str:
+    """The forward argument that takes a KV cache: `cache` in newer transformers, `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper takes **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the token prefix shared by all sequences, leaving each at least one token of its own."""
+    limit = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in seqs):
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def choice_logprobs(model, fmt: PromptFormat, prompts: list[str], choices: list[str], batch_size: int = 16,
+                    bf16: bool = False, length_normalized: bool = False, share_prefix: bool = True,
+                    max_length: int | None = None, desc: str = "scoring") -> torch.Tensor:
+    """Log-probability of each choice's completion given each prompt: a float32 tensor [len(prompts), len(choices)].
+
+    Each entry sums log p(token | prompt, earlier completion tokens) over the choice's completion tokens as trained
+    (end-of-turn/EOS included, see `completion_ids`). `length_normalized=True` divides by the choice's token
+    count (mean log-prob per token), which stops long labels from losing just for being long; the default, the
+    plain sum, is the likelihood of the whole answer and the usual choice for short labels.
+
+    `batch_size` counts prompts; rows are ordered longest first and returned in input order. `share_prefix`
+    computes the token prefix common to all prompts once. `max_length` (optional) cuts prompts from the front as
+    training does, so prompt + the longest choice fit. `bf16` runs the model under bfloat16 autocast."""
+    if not choices:
+        raise ValueError("no choices to score")
+    if not prompts:
+        return torch.zeros((0, len(choices)))
+    tok = fmt.tok
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    comps = [completion_ids(fmt, c) for c in choices]
+    encoded = [fmt.encode_prompt(p) for p in prompts]
+    if max_length is not None:
+        encoded = [_truncate(e, max_length - max(len(c) for c in comps)) for e in encoded]
+    if empty := [i for i, e in enumerate(encoded) if not e]:
+        raise ValueError(f"prompt {empty[0]} has no tokens: nothing to condition the first answer token on")
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        prefix_len, prefix_cache = 0, None
+        if share_prefix and len(prompts) > 1:
+            prefix_len = _common_prefix(encoded)
+            if prefix_len:
+                with autocast(bf16, device):
+                    prefix_cache = _cache_of(model(input_ids=torch.tensor([encoded[0][:prefix_len]], device=device),
+                                                   use_cache=True, logits_to_keep=1))
+
+        scores = torch.zeros((len(prompts), len(choices)))
+        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first: memory peaks early
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", dynamic_ncols=True, leave=False):
+            idx = order[start:start + batch_size]
+            cache = None
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(idx))
+            scores[idx] = _score_batch(model, [encoded[i][prefix_len:] for i in idx], prefix_len, cache, comps,
+                                       pad_id, device, bf16)
+    finally:
+        model.train(was_training)
+    if length_normalized:
+        scores = scores / torch.tensor([len(c) for c in comps], dtype=scores.dtype)
+    return scores
+
+
+def _score_batch(model, suffixes: list[list[int]], prefix_len: int, cache, comps: list[list[int]], pad_id: int,
+                 device, bf16: bool) -> torch.Tensor:
+    """Summed completion log-probs [len(suffixes), len(comps)] for prompts = shared prefix (in `cache`) + suffix."""
+    n, width = len(suffixes), max(len(s) for s in suffixes)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, prefix_len + width), dtype=torch.long)
+    mask[:, :prefix_len] = 1
+    for row, s in enumerate(suffixes):  # padding sits between the shared prefix and each prompt's own tokens
+        ids[row, width - len(s):] = torch.tensor(s)
+        mask[row, prefix_len + width - len(s):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with autocast(bf16, device):
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                    position_ids=positions[:, prefix_len:].to(device), use_cache=True, logits_to_keep=1,
+                    **{_cache_kwarg(model): cache})
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
+    scores = first[:, [c[0] for c in comps]].clone()  # the first answer token, predicted by the prompt's last one
+
+    rest = max(len(c) for c in comps) - 1
+    if rest == 0:
+        return scores
+    # The other answer tokens: one row per (prompt, choice), fed its choice's tokens but the last, right-padded.
+    cache = _cache_of(out)
+    prompt_len = mask.sum(-1)  # each row's real length: the next position to fill
+    vocab = out.logits.size(-1)
+    group = max(1, min(len(comps), LOGIT_BUDGET // (n * rest * vocab)))
+    for g0 in range(0, len(comps), group):
+        members = list(range(g0, min(g0 + group, len(comps))))
+        k = len(members)
+        rows_cache = cache if k == len(comps) else copy.deepcopy(cache)
+        rows_cache.batch_repeat_interleave(k)  # row b*k + j: prompt b, choice members[j]
+        inputs = torch.full((k, rest), pad_id, dtype=torch.long)
+        targets = torch.zeros((k, rest), dtype=torch.long)
+        valid = torch.zeros((k, rest))
+        for j, c in enumerate(members):
+            t = comps[c]
+            inputs[j, :len(t) - 1] = torch.tensor(t[:-1], dtype=torch.long)
+            targets[j, :len(t) - 1] = torch.tensor(t[1:], dtype=torch.long)
+            valid[j, :len(t) - 1] = 1
+        # Padding after a short choice comes later than its real tokens, so causal attention never sees it.
+        row_mask = torch.cat([mask.repeat_interleave(k, 0), torch.ones((n * k, rest), dtype=torch.long)], dim=-1)
+        row_pos = prompt_len.repeat_interleave(k)[:, None] + torch.arange(rest)[None, :]
+        with autocast(bf16, device):
+            logits = model(input_ids=inputs.repeat(n, 1).to(device), attention_mask=row_mask.to(device),
+                           position_ids=row_pos.to(device), use_cache=True, **{_cache_kwarg(model): rows_cache}).logits
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        got = logp.gather(-1, targets.repeat(n, 1)[..., None])[..., 0] * valid.repeat(n, 1)
+        scores[:, members] += got.sum(-1).view(n, k)
+    return scores
+
+
+def classify_by_likelihood(model, fmt: PromptFormat, prompts: list[str], choices: list[str], batch_size: int = 16,
+                           bf16: bool = False, desc: str = "scoring", length_normalized: bool = False,
+                           max_length: int | None = None) -> list[str]:
+    """For each prompt, the choice whose completion (as trained) is most likely; ties go to the earlier choice."""
+    scores = choice_logprobs(model, fmt, prompts, choices, batch_size=batch_size, bf16=bf16,
+                             length_normalized=length_normalized, max_length=max_length, desc=desc)
+    return [choices[j] for j in scores.argmax(-1).tolist()]

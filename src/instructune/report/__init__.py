@@ -1,0 +1,1 @@
+"""Report: results.json, report.md (and the HTML report)."""
