@@ -131,6 +131,40 @@ def data_preview(config: Path, set_: Optional[List[str]] = typer.Option(None, "-
                       f"({100 * audit['supervised_share']:.1f} %); end-of-sequence trained in every example")
 
 
+@data_app.command("lint")
+@handles_errors
+def data_lint(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP)):
+    """Check the data before spending compute: split sizes, labels, supervised tokens, train/test leakage."""
+    from collections import Counter
+
+    from .experiment import data_stats, prepare
+
+    cfg = _config(config, set_)
+    prep = prepare(cfg)  # bad input fails here, with file and line
+    stats = data_stats(prep)
+    problems = 0
+    for task in prep.tasks:
+        st = stats[task.name]
+        typer.secho(f"{task.name} ({task.template.type})", bold=True)
+        typer.echo("  splits: " + ", ".join(f"{k} {v}" for k, v in st["sizes"].items()))
+        if task.template.type == "classification":
+            for split in ("train", "test"):
+                counts = Counter(p.completion for p in task.pairs.get(split, []))
+                typer.echo(f"  {split} labels: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+        lengths = st["token_lengths"]
+        typer.echo(f"  tokens per training pair: prompt max {max(lengths['prompt'])}, completion max "
+                   f"{max(lengths['completion'])}; supervised share "
+                   f"{sum(lengths['completion']) / (sum(lengths['prompt']) + sum(lengths['completion'])):.1%}")
+        lk = st["leakage"]
+        leaked = lk["exact"] + lk["near"]
+        problems += bool(leaked)
+        typer.secho(f"  leakage: {lk['exact']} exact, {lk['near']} near-duplicate test inputs of {lk['test_size']}",
+                    fg="yellow" if leaked else None)
+        for ex in lk["examples"]:
+            typer.echo(f"    test: {ex['test'][:80]!r}\n    train: {ex['train'][:80]!r} ({ex['kind']}, {ex['overlap']:.0%})")
+    typer.echo("no warnings" if not problems else f"{problems} task(s) with warnings")
+
+
 @app.command()
 @handles_errors
 def generate(text: str = typer.Argument(..., help="the input: plain text for the task's main field, or a JSON record"),
