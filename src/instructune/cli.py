@@ -23,6 +23,8 @@ app = typer.Typer(
 data_app = typer.Typer(help="Look at the instruction data a config makes.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
+RESUME_HELP = ("continue an interrupted training from runs/<name>/checkpoint (written every train.save_every steps), "
+               "exactly as if never stopped")
 SET_HELP = "Override a config key, e.g. --set train.epochs=1 --set tasks.0.data.max_test=20 (repeatable)."
 
 
@@ -46,12 +48,13 @@ def _config(path: Path, overrides: list[str] | None):
 @app.command()
 @handles_errors
 def run(config: Path = typer.Argument(..., help="experiment YAML"),
-        set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP)):
+        set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+        resume: bool = typer.Option(False, help=RESUME_HELP)):
     """Everything: data → base-model baselines → fine-tuning → evaluation → report."""
     from .experiment import run as run_experiment
 
     cfg = _config(config, set_)
-    results = run_experiment(cfg)
+    results = run_experiment(cfg, resume)
     _summary(results, cfg.run_dir())
 
 
@@ -68,13 +71,14 @@ def baseline(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set
 
 @app.command()
 @handles_errors
-def train(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP)):
+def train(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+          resume: bool = typer.Option(False, help=RESUME_HELP)):
     """Fine-tune on the training split (writes model/ with the adapter or weights, tokenizer and manifest)."""
     from .experiment import prepare, run_train, start_run
 
     cfg = _config(config, set_)
     prep = prepare(cfg)
-    out = run_train(prep, start_run(cfg, prep))
+    out = run_train(prep, start_run(cfg, prep), resume)
     typer.echo(f"model written to {out}")
 
 

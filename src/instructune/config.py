@@ -90,6 +90,7 @@ class TrainConfig(Strict):
     eval_every: int | None = Field(None, gt=0, description="steps between validation passes; default once per epoch")
     max_validation: int = Field(64, gt=0, description="validation examples scored for loss during training")
     bf16: bool = Field(False, description="bfloat16 autocast (CPU with AVX512-BF16/AMX, or CUDA)")
+    save_every: int = Field(0, ge=0, description="steps between checkpoints for `--resume` (0: none)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @property

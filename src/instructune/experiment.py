@@ -199,7 +199,7 @@ def perplexity(model, fmt: PromptFormat, pairs: list[Pair], cfg: ExperimentConfi
 
 
 # -- fine-tuning ----------------------------------------------------------------------------------------------------
-def run_train(prep: Prepared, run_dir: Path) -> Path:
+def run_train(prep: Prepared, run_dir: Path, resume: bool = False) -> Path:
     import torch
 
     from .train.collate import audit_masking
@@ -221,12 +221,17 @@ def run_train(prep: Prepared, run_dir: Path) -> Path:
     audit = audit_masking(train_set, end_ids, "train split")
     _say(f"masking audit: {audit['supervised_tokens']:,} of {audit['tokens']:,} tokens supervised "
          f"({100 * audit['supervised_share']:.1f} %), end-of-sequence supervised in every example")
-    log_path = run_dir / "train_log.jsonl"
-    log_path.unlink(missing_ok=True)
-    log = train(model, train_set, val_set, cfg.train, prep.tokenizer.pad_token_id, cfg.seed, log_path)
+    checkpoint = run_dir / "checkpoint"
+    if resume and not (checkpoint / "state.pt").is_file():
+        _say("no checkpoint to resume from: training from the start")
+    log = train(model, train_set, val_set, cfg.train, prep.tokenizer.pad_token_id, cfg.seed, run_dir / "train_log.jsonl",
+                checkpoint, resume)
     out = run_dir / "model"
     save_model(model, prep, out, {"audit": audit, "final_loss": log[-1]["loss"] if log else None,
                                   "trainable_parameters": trainable, "total_parameters": total})
+    import shutil
+
+    shutil.rmtree(checkpoint, ignore_errors=True)  # the finished model replaces it
     return out
 
 
@@ -318,14 +323,15 @@ def _load_for_inference(source: str, cfg, mcfg=None):
 
 
 # -- the whole protocol ---------------------------------------------------------------------------------------------
-def run(cfg: ExperimentConfig) -> dict:
+def run(cfg: ExperimentConfig, resume: bool = False) -> dict:
+    """The whole protocol. With `resume`, a finished baseline is kept and training continues from its checkpoint."""
     from .report.write import write_report
 
     prep = prepare(cfg)
     run_dir = start_run(cfg, prep)
-    if cfg.baseline.enabled:
+    if cfg.baseline.enabled and not (resume and (run_dir / "baseline.json").is_file()):
         run_baseline(prep, run_dir)
-    run_train(prep, run_dir)
+    run_train(prep, run_dir, resume)
     run_evaluate(prep, run_dir)
     return write_report(run_dir)
 

@@ -280,7 +280,8 @@ def _forgetting(fg) -> str:
         return ""
     rows = []
     for name, f in tasks.items():
-        c = (f or {}).get("change") or {}
+        f = f if isinstance(f, dict) else {}
+        c = f.get("change") or {}
         rows.append(f'<tr><td class="l">{_e(name)}</td><td class="l">{_e(f.get("metric"))}</td><td>{_f(f.get("before"), ".4f")}'
                     f'</td><td>{_f(f.get("after"), ".4f")}</td>{_change_cell(c)}<td>{_ci(c)}</td><td>{_p(c.get("p_value"))}</td></tr>')
     return ('<section id="forgetting"><h2>Forgetting (held-out tasks)</h2><div class="scroll"><table><thead><tr>'

@@ -44,11 +44,18 @@ def _to(batch: dict, device) -> dict:
 
 
 def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainConfig, pad_id: int, seed: int,
-          log_path: Path | None = None) -> list[dict]:
-    """Supervised fine-tuning on completion tokens; returns the log (one dict per step or validation)."""
+          log_path: Path | None = None, checkpoint_dir: Path | None = None, resume: bool = False) -> list[dict]:
+    """Supervised fine-tuning on completion tokens; returns the log (one dict per optimizer step).
+
+    Each optimizer step takes `batch_size * grad_accum` examples grouped by length and splits them into
+    `grad_accum` micro-batches; the loss is normalised by the supervised tokens of the whole step, so accumulation
+    gives the same update as one big batch. With `checkpoint_dir`, a checkpoint (trainable weights, optimizer,
+    scheduler, RNG, data position) is written atomically every `save_every` steps; `resume` continues from it
+    exactly, and the log is cut back to the checkpoint's step."""
     torch.manual_seed(seed)
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     lengths = [len(e.input_ids) for e in train_set]
     per_step = cfg.batch_size * cfg.grad_accum
@@ -58,7 +65,17 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
     eval_every = cfg.eval_every or steps_per_epoch
+    step, tokens, elapsed_before = 0, 0, 0.0
     log: list[dict] = []
+    if resume and checkpoint_dir is not None and (checkpoint_dir / "state.pt").is_file():
+        state = load_checkpoint(checkpoint_dir, named, optimizer, scheduler)
+        step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
+        if log_path and log_path.is_file():
+            log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+            log = [e for e in log if e["step"] <= step]
+            log_path.write_text("".join(json.dumps(e) + "\n" for e in log))
+    elif log_path:
+        log_path.unlink(missing_ok=True)
     log_file = open(log_path, "a", encoding="utf-8") if log_path else None
 
     def record(entry: dict) -> None:
@@ -68,14 +85,16 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
             log_file.flush()
 
     model.train()
-    step, epoch, tokens, started = 0, 0, 0, time.perf_counter()
-    bar = tqdm(total=total_steps, desc="fine-tuning", unit="step", dynamic_ncols=True)
+    started = time.perf_counter() - elapsed_before
+    bar = tqdm(total=total_steps, initial=step, desc="fine-tuning", unit="step", dynamic_ncols=True)
     while step < total_steps:
-        batches = length_grouped_batches(lengths, cfg.batch_size, seed + epoch)
-        for group_start in range(0, len(batches), cfg.grad_accum):
+        epoch, position = divmod(step, steps_per_epoch)
+        groups = length_grouped_batches(lengths, per_step, seed + epoch)  # the data order is a function of the step
+        for group in groups[position:]:
             if step >= total_steps:
                 break
-            micro = [_to(collate([train_set[i] for i in b], pad_id), device) for b in batches[group_start:group_start + cfg.grad_accum]]
+            micro = [_to(collate([train_set[i] for i in group[j:j + cfg.batch_size]], pad_id), device)
+                     for j in range(0, len(group), cfg.batch_size)]
             n_supervised = sum(m["n_supervised"] for m in micro)  # normalise over the whole step: accumulation = one big batch
             loss_value = 0.0
             for m in micro:
@@ -96,10 +115,47 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
             if val_set and (step % eval_every == 0 or step == total_steps):
                 entry["val_loss"] = validation_loss(model, val_set, pad_id, cfg.batch_size, cfg.bf16)
             record(entry)
+            if checkpoint_dir is not None and cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                save_checkpoint(checkpoint_dir, named, optimizer, scheduler,
+                                {"step": step, "tokens": tokens, "elapsed": elapsed})
             bar.update(1)
             bar.set_postfix({k: f"{entry[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s") if k in entry})
-        epoch += 1
     bar.close()
     if log_file:
         log_file.close()
     return log
+
+
+def save_checkpoint(folder: Path, named, optimizer, scheduler, state: dict) -> None:
+    """Trainable weights (safetensors), optimizer and scheduler state, RNG state; the folder replaced atomically."""
+    import os
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    save_file({n: p.detach().contiguous() for n, p in named}, str(tmp / "trainable.safetensors"))
+    torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)  # a kill at any point leaves either the old or the new checkpoint whole
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, named, optimizer, scheduler) -> dict:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(folder) / "trainable.safetensors"))
+    with torch.no_grad():
+        for n, p in named:
+            p.copy_(weights[n])
+    state = torch.load(Path(folder) / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return state
