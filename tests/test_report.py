@@ -54,3 +54,5 @@ def test_results_have_intervals_forgetting_leakage_and_perplexity(tmp_path, tiny
     assert "held_out_qa" in manifest["held_out_tasks"] and "held_out_qa" not in manifest["tasks"]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "95 % CI" in report and "Forgetting" in report and "leakage" in report
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "chart-loss" in html and "chart-primary" in html and "held_out_qa" in html

@@ -77,3 +77,25 @@ def test_sigkill_and_resume_equals_the_uninterrupted_run(tmp_path, tiny_model):
     a = load_file(str(tmp_path / "a" / "run" / "model" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "run" / "model" / "adapter_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_ddp_equals_one_process(tmp_path, tiny_model):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU machine (gloo): batch 4 per process = one process
+    with batch 8. (`accelerate launch --cpu` would want MPI for several processes; torchrun works too.)"""
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    losses = []
+    for name, batch, launch in (("one", 8, []), ("two", 4, ["-m", "accelerate.commands.launch", "--multi_gpu",
+                                                             "--num_processes", "2", "--num_machines", "1",
+                                                             "--mixed_precision", "no", "--dynamo_backend", "no"])):
+        cfg = tiny_config(tmp_path / name, tiny_model, ("classification", "qa"), n_train=20, method="full",
+                          epochs=1, batch_size=batch, eval_every=2)
+        config = write_config(tmp_path, cfg, f"{name}.yaml")
+        command = [sys.executable, *launch, *(["-m"] if launch else ["-m"]), "instructune.cli", "train", str(config)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        losses.append([json.loads(line) for line in open(tmp_path / name / "run" / "train_log.jsonl")])
+    one, two = losses
+    assert [e["step"] for e in one] == [e["step"] for e in two] == [1, 2, 3, 4, 5]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two)) < 1e-4
+    assert max(abs(a["val_loss"] - b["val_loss"]) for a, b in zip(one, two) if "val_loss" in a) < 1e-4
+    assert [e["tokens"] for e in one] == [e["tokens"] for e in two]

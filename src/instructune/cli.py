@@ -247,7 +247,7 @@ def _summary(results: dict, run_dir: Path) -> None:
         if base is not None:
             line += f" vs best base ({t['best_base']}) {base:.4f}: {c['points']:+.2f} points"
         typer.echo(line)
-    typer.echo(f"report: {run_dir / 'report.md'}  results: {run_dir / 'results.json'}")
+    typer.echo(f"report: {run_dir / 'report.md'} and {run_dir / 'report.html'}  results: {run_dir / 'results.json'}")
 
 
 def main():

@@ -26,6 +26,7 @@ from .evaluate.generate import generate
 from .evaluate.metrics import PRIMARY_METRIC, compute_metrics
 from .models import PRESETS, count_parameters, load_model, load_tokenizer, resolve_model, use_chat_template, wrap_lora
 from .prompts import Pair, PromptFormat, TaskTemplate, build_task_template
+from .train.loop import distributed
 
 MANIFEST = "instructune.json"
 
@@ -227,6 +228,8 @@ def run_train(prep: Prepared, run_dir: Path, resume: bool = False) -> Path:
     log = train(model, train_set, val_set, cfg.train, prep.tokenizer.pad_token_id, cfg.seed, run_dir / "train_log.jsonl",
                 checkpoint, resume)
     out = run_dir / "model"
+    if distributed()[0] > 0:
+        return out  # process 0 saves
     save_model(model, prep, out, {"audit": audit, "final_loss": log[-1]["loss"] if log else None,
                                   "trainable_parameters": trainable, "total_parameters": total})
     import shutil
@@ -361,9 +364,9 @@ def data_stats(prep: Prepared) -> dict:
 
 
 def _device():
-    import torch
+    from .train.loop import device
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device()
 
 
 def _primary(task: Task, result: dict) -> str:

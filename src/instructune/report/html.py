@@ -227,7 +227,8 @@ def _task_section(name: str, t: dict, perplexity: dict | None) -> str:
     out.append(_task_table(name, t))
     sigs = t.get("signatures") or {}
     if sigs:
-        out.append("<ul class=\"note\">" + "".join(f"<li><code>{_e(m)}</code>: {_e(s)}</li>" for m, s in sigs.items()) + "</ul>")
+        out.append('<ul class="note">' + "".join(f"<li><code>{_e(m)}</code>: {_e(s)}</li>" for m, s in sigs.items())
+                   + "</ul>")
     if isinstance(perplexity, dict) and perplexity:
         out.append('<p class="meta">Perplexity on the test completions: '
                    + ", ".join(f"{_e(_label(k))} {_f(v, '.2f')}" for k, v in perplexity.items()) + "</p>")
@@ -282,8 +283,9 @@ def _forgetting(fg) -> str:
     for name, f in tasks.items():
         f = f if isinstance(f, dict) else {}
         c = f.get("change") or {}
-        rows.append(f'<tr><td class="l">{_e(name)}</td><td class="l">{_e(f.get("metric"))}</td><td>{_f(f.get("before"), ".4f")}'
-                    f'</td><td>{_f(f.get("after"), ".4f")}</td>{_change_cell(c)}<td>{_ci(c)}</td><td>{_p(c.get("p_value"))}</td></tr>')
+        rows.append(f'<tr><td class="l">{_e(name)}</td><td class="l">{_e(f.get("metric"))}</td>'
+                    f'<td>{_f(f.get("before"), ".4f")}</td><td>{_f(f.get("after"), ".4f")}</td>{_change_cell(c)}'
+                    f'<td>{_ci(c)}</td><td>{_p(c.get("p_value"))}</td></tr>')
     return ('<section id="forgetting"><h2>Forgetting (held-out tasks)</h2><div class="scroll"><table><thead><tr>'
             '<th class="l">task</th><th class="l">metric</th><th>before</th><th>after</th><th>change (points)</th>'
             '<th>95 % CI (points)</th><th>p</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table></div></section>")
@@ -295,13 +297,15 @@ def _leakage(lk) -> str:
     rows, details = [], []
     for name, x in lk.items():
         x = x or {}
-        rows.append(f'<tr><td class="l">{_e(name)}</td><td>{_e(x.get("exact", "–"))}</td><td>{_e(x.get("near", "–"))}</td>'
+        rows.append(f'<tr><td class="l">{_e(name)}</td><td>{_e(x.get("exact", "–"))}</td>'
+                    f'<td>{_e(x.get("near", "–"))}</td>'
                     f'<td>{_e(x.get("test_size", "–"))}</td></tr>')
         for ex in x.get("examples") or []:
             details.append(f'<div class="sample"><b>{_e(name)}</b>, overlap {_f(ex.get("overlap"), ".2f")}<div class="outs" '
                            f'style="grid-template-columns:1fr 1fr"><div class="out"><b>test</b>{_e(ex.get("test"))}</div>'
                            f'<div class="out"><b>train</b>{_e(ex.get("train"))}</div></div></div>')
-    ex_html = f"<details><summary>{len(details)} near-duplicate examples</summary>{''.join(details)}</details>" if details else ""
+    ex_html = (f"<details><summary>{len(details)} near-duplicate examples</summary>{''.join(details)}</details>"
+               if details else "")
     return ('<section id="leakage"><h2>Train/test leakage</h2><table><thead><tr><th class="l">task</th><th>exact duplicates'
             '</th><th>near duplicates</th><th>test size</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>"
             + ex_html + "</section>")
@@ -314,7 +318,9 @@ def render_html(results: dict, config: dict | None = None) -> str:
     params = ""
     tp, total = m.get("trainable_parameters"), m.get("total_parameters")
     if _is_num(tp):
-        params = f"{tp:,} trainable parameters" + (f" of {total:,} ({100 * tp / total:.2f} %)" if _is_num(total) and total else "")
+        params = f"{tp:,} trainable parameters"
+        if _is_num(total) and total:
+            params += f" of {total:,} ({100 * tp / total:.2f} %)"
     meta = [f"Model <code>{_e(m.get('name'))}</code>" + (f" from <code>{_e(m['source'])}</code>" if m.get("source") else "")
             + (f", {_e(m['method'])} fine-tuning" if m.get("method") else ""), params,
             f"Data fingerprint <code>{_e(results['data_fingerprint'])}</code>" if results.get("data_fingerprint") else ""]
@@ -331,7 +337,8 @@ def render_html(results: dict, config: dict | None = None) -> str:
     body += [_training(results.get("training")), _forgetting(results.get("forgetting")), _leakage(results.get("leakage"))]
     config = config if config is not None else results.get("config")
     if config:
-        body.append(f'<section id="config"><h2>Configuration</h2><pre>{_e(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))}</pre></section>')
+        dump = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+        body.append(f'<section id="config"><h2>Configuration</h2><pre>{_e(dump)}</pre></section>')
     versions = results.get("versions")
     if isinstance(versions, dict) and versions:
         body.append('<section id="versions"><h2>Package versions</h2><table><tbody>'

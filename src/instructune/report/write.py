@@ -219,7 +219,10 @@ def _one_line(text: str, limit: int = 200) -> str:
 def write_report(run_dir: Path) -> dict:
     from ..experiment import atomic_write, write_json
 
+    from .html import write_html
+
     results = build_results(run_dir)
     write_json(Path(run_dir) / "results.json", results)
     atomic_write(Path(run_dir) / "report.md", render_markdown(results))
+    write_html(results, run_dir)
     return results

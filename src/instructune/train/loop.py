@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..prompts.format import Encoded
-from .collate import collate, completion_loss_sum, length_grouped_batches
+from .collate import IGNORE, collate, completion_loss_sum, length_grouped_batches
 
 
 def autocast(bf16: bool, device: torch.device):
@@ -54,11 +54,16 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
     exactly, and the log is cut back to the checkpoint's step."""
     torch.manual_seed(seed)
     device = next(model.parameters()).device
+    rank, world = distributed()
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
+    if rank:
+        log_path = None  # one log, one progress bar, one checkpoint: process 0's
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     lengths = [len(e.input_ids) for e in train_set]
-    per_step = cfg.batch_size * cfg.grad_accum
+    supervised = [sum(label != IGNORE for label in e.labels[1:]) for e in train_set]
+    per_step = cfg.batch_size * cfg.grad_accum * world  # the global batch
     steps_per_epoch = math.ceil(len(train_set) / per_step)
     total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
     warmup = int(total_steps * cfg.warmup_ratio)
@@ -86,23 +91,34 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
 
     model.train()
     started = time.perf_counter() - elapsed_before
-    bar = tqdm(total=total_steps, initial=step, desc="fine-tuning", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc="fine-tuning", unit="step", dynamic_ncols=True, disable=rank > 0)
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         groups = length_grouped_batches(lengths, per_step, seed + epoch)  # the data order is a function of the step
         for group in groups[position:]:
             if step >= total_steps:
                 break
-            micro = [_to(collate([train_set[i] for i in group[j:j + cfg.batch_size]], pad_id), device)
-                     for j in range(0, len(group), cfg.batch_size)]
-            n_supervised = sum(m["n_supervised"] for m in micro)  # normalise over the whole step: accumulation = one big batch
-            loss_value = 0.0
-            for m in micro:
-                with autocast(cfg.bf16, device):
-                    loss = completion_loss_sum(model, m) / n_supervised
-                loss.backward()
-                loss_value += loss.item()
-                tokens += int(m["attention_mask"].sum())
+            # normalise over the whole step (all micro-batches of all processes): accumulation = one big batch
+            n_supervised = sum(supervised[i] for i in group)
+            mine, weight = group[rank::world], float(world)  # DDP averages gradients over processes: undo it
+            if not mine:  # a short last step: this process still joins the gradient all-reduce, with zero weight
+                mine, weight = group[:1], 0.0
+            micro = [_to(collate([train_set[i] for i in mine[j:j + cfg.batch_size]], pad_id), device)
+                     for j in range(0, len(mine), cfg.batch_size)]
+            loss_value, step_tokens = 0.0, 0
+            for j, m in enumerate(micro):
+                sync = ddp.no_sync() if ddp is not None and j < len(micro) - 1 else contextlib.nullcontext()
+                with sync:
+                    with autocast(cfg.bf16, device):
+                        loss = completion_loss_sum(ddp or model, m) * (weight / n_supervised)
+                    loss.backward()
+                loss_value += loss.item() / world
+                step_tokens += int(m["attention_mask"].sum()) if weight else 0
+            if world > 1:
+                totals = torch.tensor([loss_value, step_tokens], dtype=torch.float64)
+                torch.distributed.all_reduce(totals)
+                loss_value, step_tokens = totals[0].item(), int(totals[1].item())
+            tokens += step_tokens
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -124,6 +140,32 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
     if log_file:
         log_file.close()
     return log
+
+
+def distributed() -> tuple[int, int]:
+    """(process index, process count). Under `accelerate launch --multi_gpu` or `torchrun` (which set WORLD_SIZE,
+    RANK and the rendezvous address) the process group is created here: NCCL on GPUs, gloo on CPUs. A plain run is
+    process 0 of 1."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device() -> torch.device:
+    import os
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def save_checkpoint(folder: Path, named, optimizer, scheduler, state: dict) -> None:
