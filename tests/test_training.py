@@ -99,3 +99,17 @@ def test_two_process_ddp_equals_one_process(tmp_path, tiny_model):
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two)) < 1e-4
     assert max(abs(a["val_loss"] - b["val_loss"]) for a, b in zip(one, two) if "val_loss" in a) < 1e-4
     assert [e["tokens"] for e in one] == [e["tokens"] for e in two]
+
+
+def test_tensorboard_gets_the_logged_scalars(tmp_path, tiny_model):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, prep, examples = _setup(tmp_path, tiny_model, batch_size=8, epochs=1, eval_every=2)
+    model = load_model(prep.model_source, cfg.model)
+    log = train(model, examples, examples[:4], cfg.train, prep.tokenizer.pad_token_id, 0,
+                tensorboard_dir=tmp_path / "tb")
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == [float(torch.tensor(e["loss"], dtype=torch.float32)) for e in log]
+    assert len(events.Scalars("train/val_loss")) == sum("val_loss" in e for e in log) >= 2

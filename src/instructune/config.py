@@ -91,6 +91,7 @@ class TrainConfig(Strict):
     max_validation: int = Field(64, gt=0, description="validation examples scored for loss during training")
     bf16: bool = Field(False, description="bfloat16 autocast (CPU with AVX512-BF16/AMX, or CUDA)")
     save_every: int = Field(0, ge=0, description="steps between checkpoints for `--resume` (0: none)")
+    tensorboard: bool = Field(False, description="also log to runs/<name>/tensorboard (needs the tensorboard package)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @property

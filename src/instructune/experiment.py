@@ -226,7 +226,7 @@ def run_train(prep: Prepared, run_dir: Path, resume: bool = False) -> Path:
     if resume and not (checkpoint / "state.pt").is_file():
         _say("no checkpoint to resume from: training from the start")
     log = train(model, train_set, val_set, cfg.train, prep.tokenizer.pad_token_id, cfg.seed, run_dir / "train_log.jsonl",
-                checkpoint, resume)
+                checkpoint, resume, run_dir / "tensorboard" if cfg.train.tensorboard else None)
     out = run_dir / "model"
     if distributed()[0] > 0:
         return out  # process 0 saves

@@ -4,16 +4,19 @@ Instead of generating text and parsing a label out of it, each choice is scored 
 `fmt.completion_text(choice)` plus the end-of-turn/EOS token that training appends (`PromptFormat.encode`), summed
 log-probabilities given the prompt. The prediction is the best-scoring choice, so it is always a valid label.
 
-The work per batch of prompts is one forward pass over the prompts (KV cache kept, vocabulary projection only at
-the last position), then one small pass over the choices' tokens with that cache repeated once per choice. The
-token prefix that all prompts share (system prompt, instruction) is computed once and its cache reused for every
-batch. Choices that share a token prefix ("very positive" / "very negative") are scored on separate rows, so their
-sums stay exact."""
+The work per batch of prompts is one forward pass: each prompt row is followed by every choice's tokens, and a 4D
+attention mask lets each choice see only the prompt and its own earlier tokens (a tree of continuations), with the
+vocabulary projection only where an answer token is predicted. The token prefix that all prompts share (system
+prompt, instruction) is computed once and its KV cache reused for every batch. Models whose attention cannot take
+such a mask (flash attention, sliding windows shorter than the sequence, recurrent layers) get two passes instead:
+the prompts with a KV cache, then the choices' tokens with that cache repeated once per choice. Either way choices
+that share a token prefix ("very positive" / "very negative") are scored apart, so their sums stay exact."""
 
 from __future__ import annotations
 
 import copy
 import inspect
+import os
 
 import torch
 from tqdm.auto import tqdm
@@ -54,12 +57,7 @@ def _cache_of(out):
 
 def _common_prefix(seqs: list[list[int]]) -> int:
     """Length of the token prefix shared by all sequences, leaving each at least one token of its own."""
-    limit = min(len(s) for s in seqs) - 1
-    first = seqs[0]
-    n = 0
-    while n < limit and all(s[n] == first[n] for s in seqs):
-        n += 1
-    return n
+    return min(len(os.path.commonprefix(seqs)), min(len(s) for s in seqs) - 1)
 
 
 @torch.no_grad()
@@ -94,7 +92,8 @@ def choice_logprobs(model, fmt: PromptFormat, prompts: list[str], choices: list[
     model.eval()
     try:
         prefix_len, prefix_cache = 0, None
-        if share_prefix and len(prompts) > 1:
+        longest = max(len(e) for e in encoded) + max(len(c) for c in comps)
+        if share_prefix and len(prompts) > 1 and _window_fits(model, longest):
             prefix_len = _common_prefix(encoded)
             if prefix_len:
                 with autocast(bf16, device):
@@ -118,9 +117,31 @@ def choice_logprobs(model, fmt: PromptFormat, prompts: list[str], choices: list[
     return scores
 
 
-def _score_batch(model, suffixes: list[list[int]], prefix_len: int, cache, comps: list[list[int]], pad_id: int,
-                 device, bf16: bool) -> torch.Tensor:
-    """Summed completion log-probs [len(suffixes), len(comps)] for prompts = shared prefix (in `cache`) + suffix."""
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _window_fits(model, total_length: int) -> bool:
+    """No sliding window or attention chunk is shorter than the sequence (then a mask is the same for every layer)."""
+    config = _text_config(model)
+    return all(w is None or total_length < w for w in (getattr(config, "sliding_window", None),
+                                                        getattr(config, "attention_chunk_size", None)))
+
+
+def _fusable(model, total_length: int) -> bool:
+    """Whether one pass with a hand-made 4D attention mask is exact for this model: its attention applies such a mask
+    as given (eager, sdpa), every layer is attention, and no sliding window or attention chunk cuts the sequence."""
+    config = _text_config(model)
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    if any(t not in ("full_attention", "sliding_attention", "chunked_attention")
+           for t in getattr(config, "layer_types", None) or []):
+        return False  # recurrent / linear-attention layers carry state that a mask cannot branch
+    return _window_fits(model, total_length)
+
+
+def _left_pad(suffixes: list[list[int]], prefix_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     n, width = len(suffixes), max(len(s) for s in suffixes)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     mask = torch.zeros((n, prefix_len + width), dtype=torch.long)
@@ -128,13 +149,25 @@ def _score_batch(model, suffixes: list[list[int]], prefix_len: int, cache, comps
     for row, s in enumerate(suffixes):  # padding sits between the shared prefix and each prompt's own tokens
         ids[row, width - len(s):] = torch.tensor(s)
         mask[row, prefix_len + width - len(s):] = 1
+    return ids, mask
+
+
+def _score_batch(model, suffixes: list[list[int]], prefix_len: int, cache, comps: list[list[int]], pad_id: int,
+                 device, bf16: bool) -> torch.Tensor:
+    """Summed completion log-probs [len(suffixes), len(comps)] for prompts = shared prefix (in `cache`) + suffix."""
+    ids, mask = _left_pad(suffixes, prefix_len, pad_id)
+    n, width = ids.shape
+    extra = sum(len(c) - 1 for c in comps)
+    vocab = getattr(_text_config(model), "vocab_size", None) or 1 << 18
+    if extra and n * (extra + 1) * vocab <= LOGIT_BUDGET and _fusable(model, prefix_len + width + extra):
+        return _score_fused(model, ids, mask, prefix_len, cache, comps, device, bf16)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with autocast(bf16, device):
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                     position_ids=positions[:, prefix_len:].to(device), use_cache=True, logits_to_keep=1,
                     **{_cache_kwarg(model): cache})
-    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
-    scores = first[:, [c[0] for c in comps]].clone()  # the first answer token, predicted by the prompt's last one
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    scores = first[:, [c[0] for c in comps]].cpu()  # the first answer token, predicted by the prompt's last one
 
     rest = max(len(c) for c in comps) - 1
     if rest == 0:
@@ -142,7 +175,6 @@ def _score_batch(model, suffixes: list[list[int]], prefix_len: int, cache, comps
     # The other answer tokens: one row per (prompt, choice), fed its choice's tokens but the last, right-padded.
     cache = _cache_of(out)
     prompt_len = mask.sum(-1)  # each row's real length: the next position to fill
-    vocab = out.logits.size(-1)
     group = max(1, min(len(comps), LOGIT_BUDGET // (n * rest * vocab)))
     for g0 in range(0, len(comps), group):
         members = list(range(g0, min(g0 + group, len(comps))))
@@ -163,10 +195,54 @@ def _score_batch(model, suffixes: list[list[int]], prefix_len: int, cache, comps
         with autocast(bf16, device):
             logits = model(input_ids=inputs.repeat(n, 1).to(device), attention_mask=row_mask.to(device),
                            position_ids=row_pos.to(device), use_cache=True, **{_cache_kwarg(model): rows_cache}).logits
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        got = logp.gather(-1, targets.repeat(n, 1)[..., None])[..., 0] * valid.repeat(n, 1)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        got = logp.gather(-1, targets.repeat(n, 1)[..., None].to(device))[..., 0].cpu() * valid.repeat(n, 1)
         scores[:, members] += got.sum(-1).view(n, k)
     return scores
+
+
+def _score_fused(model, ids, mask, prefix_len: int, cache, comps: list[list[int]], device, bf16: bool) -> torch.Tensor:
+    """Prompts and all choices in one pass: each prompt row is followed by every choice's tokens (but the last), one
+    block per choice, and a 4D mask lets a block see the prompt and its own earlier tokens only (a tree of
+    continuations), with positions restarting after the prompt for each block."""
+    n, width = ids.shape
+    blocks = [torch.tensor(c[:-1], dtype=torch.long) for c in comps]
+    extra = sum(len(b) for b in blocks)
+    q, kv = width + extra, prefix_len + width + extra
+    prompt_len = mask.sum(-1)
+    allowed = torch.zeros((n, q, kv), dtype=torch.bool)
+    allowed[:, :, :prefix_len] = True
+    key_real = mask[:, prefix_len:].bool()  # the prompt's own tokens, not its padding
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    allowed[:, :width, prefix_len:prefix_len + width] = causal & key_real[:, None, :]
+    eye = torch.arange(width)
+    allowed[:, eye, prefix_len + eye] = True  # padding queries see themselves: no row is all masked (NaN-free)
+    positions = torch.empty((n, q), dtype=torch.long)
+    positions[:, :width] = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]
+    inputs, where = [ids], []
+    start = width
+    for c, block in zip(comps, blocks):
+        m = len(block)
+        rows = slice(start, start + m)
+        allowed[:, rows, prefix_len:prefix_len + width] = key_real[:, None, :]
+        allowed[:, rows, prefix_len + start:prefix_len + start + m] = torch.ones((m, m), dtype=torch.bool).tril()
+        positions[:, rows] = prompt_len[:, None] + torch.arange(m)[None, :]
+        inputs.append(block.expand(n, m))
+        where.append((start - width + 1, c[1:]))  # kept-logit index predicting each later token of this choice
+        start += m
+    attn = allowed[:, None]
+    if _text_config(model)._attn_implementation == "eager":  # eager adds the mask to the scores
+        attn = torch.zeros(attn.shape).masked_fill(~attn, torch.finfo(torch.float32).min)
+    with autocast(bf16, device):
+        out = model(input_ids=torch.cat(inputs, dim=1).to(device), attention_mask=attn.to(device),
+                    position_ids=positions.to(device), use_cache=cache is not None, logits_to_keep=extra + 1,
+                    **{_cache_kwarg(model): cache})
+    logp = torch.log_softmax(out.logits.float(), dim=-1)  # [n, extra + 1, vocab]; index 0: the prompt's last token
+    scores = logp[:, 0, [c[0] for c in comps]]
+    for j, (offset, later) in enumerate(where):
+        if later:
+            scores[:, j] += logp[:, torch.arange(offset, offset + len(later)), later].sum(-1)
+    return scores.cpu()
 
 
 def classify_by_likelihood(model, fmt: PromptFormat, prompts: list[str], choices: list[str], batch_size: int = 16,

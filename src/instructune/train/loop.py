@@ -44,7 +44,8 @@ def _to(batch: dict, device) -> dict:
 
 
 def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainConfig, pad_id: int, seed: int,
-          log_path: Path | None = None, checkpoint_dir: Path | None = None, resume: bool = False) -> list[dict]:
+          log_path: Path | None = None, checkpoint_dir: Path | None = None, resume: bool = False,
+          tensorboard_dir: Path | None = None) -> list[dict]:
     """Supervised fine-tuning on completion tokens; returns the log (one dict per optimizer step).
 
     Each optimizer step takes `batch_size * grad_accum` examples grouped by length and splits them into
@@ -82,12 +83,21 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
     elif log_path:
         log_path.unlink(missing_ok=True)
     log_file = open(log_path, "a", encoding="utf-8") if log_path else None
+    board = None
+    if tensorboard_dir is not None and rank == 0:
+        from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
+
+        board = SummaryWriter(str(tensorboard_dir), purge_step=step + 1 if resume else None)
 
     def record(entry: dict) -> None:
         log.append(entry)
         if log_file:
             log_file.write(json.dumps(entry) + "\n")
             log_file.flush()
+        if board:
+            for key in ("loss", "val_loss", "lr", "tokens_per_s"):
+                if key in entry:
+                    board.add_scalar(f"train/{key}", entry[key], entry["step"])
 
     model.train()
     started = time.perf_counter() - elapsed_before
@@ -139,6 +149,8 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
     bar.close()
     if log_file:
         log_file.close()
+    if board:
+        board.close()
     return log
 
 

@@ -1,0 +1,170 @@
+"""Rank classification by completion likelihood: exact against a naive reference, order- and batch-independent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from instructune.config import ModelConfig
+from instructune.evaluate import likelihood
+from instructune.evaluate.likelihood import choice_logprobs, classify_by_likelihood, completion_ids
+from instructune.models import load_tokenizer
+from instructune.prompts import Pair, PromptFormat
+
+TEXTS = ["The app crashes", "I was charged twice on my invoice, please refund the payment now", "late",
+         "Message number 7: my parcel is late and the delivery never arrived at all", "reset my password"]
+# Different token lengths; "billing" is a token prefix of "billing delivery".
+CHOICES = ["billing", "billing delivery", "technical account Category", "positive"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models are all per-op overhead; on a busy 2-core machine a second OpenMP thread makes each op ~40x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _load(path, attn="sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(str(path), ModelConfig(name=str(path)))
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn).eval()
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_model):
+    model, tok = _load(tiny_model)
+    return model, PromptFormat(tok, chat=True)
+
+
+def _messages(text):
+    return [{"role": "system", "content": "Classify the message."}, {"role": "user", "content": text}]
+
+
+def _reference(model, fmt, messages_list, choices):
+    """Plain full forward on unpadded prompt + completion, completion ids exactly as `encode` trains them."""
+    out = torch.zeros((len(messages_list), len(choices)))
+    with torch.no_grad():
+        for i, messages in enumerate(messages_list):
+            for j, choice in enumerate(choices):
+                enc = fmt.encode(Pair(messages, choice), max_length=4096)
+                start = next(k for k, t in enumerate(enc.labels) if t != -100)
+                logp = torch.log_softmax(model(torch.tensor([enc.input_ids])).logits[0].float(), -1)
+                out[i, j] = sum(logp[k - 1, enc.input_ids[k]] for k in range(start, len(enc.input_ids)))
+    return out
+
+
+def test_completion_ids_match_training_and_end_with_end_token(chat):
+    _, fmt = chat
+    for choice in CHOICES:
+        enc = fmt.encode(Pair(_messages("anything at all"), choice), max_length=4096)
+        assert completion_ids(fmt, choice) == [t for t in enc.labels if t != -100]
+        assert completion_ids(fmt, choice)[-1] in fmt.end_ids()
+    first = completion_ids(fmt, "billing")
+    assert completion_ids(fmt, "billing delivery")[:len(first) - 1] == first[:-1]  # the shared-prefix case is real
+
+
+@pytest.mark.parametrize("path", ["one-pass", "two-pass", "two-pass-grouped"])
+def test_matches_naive_reference(chat, monkeypatch, path):
+    model, fmt = chat
+    fused = path == "one-pass"
+    if path == "two-pass":
+        monkeypatch.setattr(likelihood, "_fusable", lambda *a: False)
+    if path == "two-pass-grouped":  # a tiny logit budget: no fused pass, and the choices scored one group at a time
+        monkeypatch.setattr(likelihood, "LOGIT_BUDGET", 1)
+    calls = []
+    real = likelihood._score_fused
+    monkeypatch.setattr(likelihood, "_score_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    messages = [_messages(t) for t in TEXTS]
+    prompts = [fmt.prompt_text(m) for m in messages]
+    assert len({len(fmt.encode_prompt(p)) for p in prompts}) == len(prompts)  # all lengths differ
+    ref = _reference(model, fmt, messages, CHOICES)
+    got = choice_logprobs(model, fmt, prompts, CHOICES, batch_size=2)
+    assert got.shape == (len(prompts), len(CHOICES))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    # without the shared-prefix cache, and one prompt at a time (no padding at all)
+    torch.testing.assert_close(choice_logprobs(model, fmt, prompts, CHOICES, batch_size=3, share_prefix=False), ref,
+                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(choice_logprobs(model, fmt, prompts[1:2], CHOICES), ref[1:2], atol=1e-4, rtol=0)
+    assert bool(calls) == fused  # the path under test is the one that ran
+
+
+def test_eager_attention_and_plain_format(tiny_plain_model):
+    model, tok = _load(tiny_plain_model, attn="eager")
+    fmt = PromptFormat(tok, chat=False, separator="\nCategory: ")
+    messages = [[{"role": "user", "content": t}] for t in TEXTS[:3]]
+    prompts = [fmt.prompt_text(m) for m in messages]
+    ref = _reference(model, fmt, messages, CHOICES)
+    torch.testing.assert_close(choice_logprobs(model, fmt, prompts, CHOICES, batch_size=2), ref, atol=1e-4, rtol=0)
+
+
+def test_max_length_cuts_prompts_as_training_does(chat):
+    model, fmt = chat
+    messages = [_messages(t) for t in TEXTS[:3]]
+    prompts = [fmt.prompt_text(m) for m in messages]
+    longest = max(len(completion_ids(fmt, c)) for c in CHOICES)
+    assert longest == len(completion_ids(fmt, CHOICES[2])) and all(len(fmt.encode_prompt(p)) > 30 for p in prompts)
+    max_length = 24 + longest
+    ref = torch.zeros((len(prompts), len(CHOICES)))
+    with torch.no_grad():
+        for i, m in enumerate(messages):
+            # encode keeps max_length - len(completion) prompt tokens; the scorer keeps the same for the longest choice
+            kept = fmt.encode(Pair(m, CHOICES[2]), max_length).input_ids[:24]
+            for j, choice in enumerate(CHOICES):
+                ids = kept + completion_ids(fmt, choice)
+                logp = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+                ref[i, j] = sum(logp[k - 1, ids[k]] for k in range(24, len(ids)))
+    got = choice_logprobs(model, fmt, prompts, CHOICES, max_length=max_length)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_input_order_and_batch_size_independence(chat):
+    model, fmt = chat
+    prompts = [fmt.prompt_text(_messages(t)) for t in TEXTS]
+    base = choice_logprobs(model, fmt, prompts, CHOICES, batch_size=16)
+    for bs in (1, 2, 3):
+        torch.testing.assert_close(choice_logprobs(model, fmt, prompts, CHOICES, batch_size=bs), base, atol=1e-4, rtol=0)
+    perm = [3, 0, 4, 2, 1]
+    torch.testing.assert_close(choice_logprobs(model, fmt, [prompts[i] for i in perm], CHOICES), base[perm],
+                               atol=1e-4, rtol=0)
+    # argmax in input order; length normalisation divides by the choice's token count
+    assert classify_by_likelihood(model, fmt, prompts, CHOICES) == [CHOICES[j] for j in base.argmax(-1).tolist()]
+    lengths = torch.tensor([len(completion_ids(fmt, c)) for c in CHOICES], dtype=torch.float32)
+    torch.testing.assert_close(choice_logprobs(model, fmt, prompts, CHOICES, length_normalized=True), base / lengths)
+    assert choice_logprobs(model, fmt, [], CHOICES).shape == (0, len(CHOICES))
+    with pytest.raises(ValueError):
+        choice_logprobs(model, fmt, prompts, [])
+
+
+def test_bf16_runs_close(chat):
+    model, fmt = chat
+    prompts = [fmt.prompt_text(_messages(t)) for t in TEXTS]
+    ref = choice_logprobs(model, fmt, prompts, CHOICES)
+    got = choice_logprobs(model, fmt, prompts, CHOICES, bf16=True)
+    assert torch.isfinite(got).all() and (got - ref).abs().max() < 0.5
+
+
+def test_model_trained_on_one_label_predicts_it(tiny_model):
+    from instructune.train.collate import collate, completion_loss_sum
+
+    model, tok = _load(tiny_model)
+    fmt = PromptFormat(tok, chat=True)
+    choices = ["billing", "delivery", "technical", "account"]
+    prompts = [fmt.prompt_text(_messages(t)) for t in ["the parcel never arrived", "charged twice", "hello there"]]
+    assert classify_by_likelihood(model, fmt, prompts, choices) != ["technical"] * 3  # not so before training
+    train = [fmt.encode(Pair(_messages(f"Message number {i}: {t}"), "technical"), 256)
+             for i, t in enumerate(TEXTS * 2)]
+    model.train()
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        batch = collate(train, tok.pad_token_id)
+        loss = completion_loss_sum(model, batch) / batch["n_supervised"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert classify_by_likelihood(model, fmt, prompts, choices, batch_size=2) == ["technical"] * 3
+    assert model.training  # the scorer puts the model back in the mode it found it in
