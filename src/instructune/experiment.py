@@ -94,8 +94,14 @@ def _input_text(task: Task, pair: Pair) -> str:
     """The input a test item gives the model, without template boilerplate (for the leakage check)."""
     if task.template.template is None:
         return " ".join(m["content"] for m in pair.messages if m["role"] == "user")
-    answer = task.template.answer_field()
-    return " ".join(str(v) for k, v in pair.record.items() if k != answer and isinstance(v, (str, int, float)))
+    from .prompts.library import FIELDS
+
+    inputs = [task.template.fields.get(f, f) for f in FIELDS[task.template.type][:-1]]
+    values = [pair.record[f] for f in inputs if f in pair.record]
+    if not values:  # a user template over other field names: every field but the answer
+        answer = task.template.answer_field()
+        values = [v for k, v in pair.record.items() if k != answer]
+    return " ".join(str(v) for v in values if isinstance(v, (str, int, float)))
 
 
 def _first_record(data) -> Record:
