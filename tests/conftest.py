@@ -49,6 +49,29 @@ def build_tiny_model(path: Path, chat: bool = True, seed: int = 0) -> Path:
     return path
 
 
+def build_tiny_t5(path: Path, seed: int = 0) -> Path:
+    """A tiny random T5 (encoder-decoder) with the same locally trained tokenizer, no chat template."""
+    import torch
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    build_tiny_model(path, chat=False, seed=seed)  # writes the tokenizer (and a Llama we replace)
+    tok = AutoTokenizer.from_pretrained(path)
+    for name in ("model.safetensors", "config.json", "generation_config.json"):
+        (path / name).unlink(missing_ok=True)
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                   tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   decoder_start_token_id=tok.pad_token_id)
+    T5ForConditionalGeneration(cfg).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    return build_tiny_t5(tmp_path_factory.mktemp("tiny-t5"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-chat"), chat=True)

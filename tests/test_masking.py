@@ -87,3 +87,27 @@ def test_length_grouped_batches_cover_every_example_once():
     batches = length_grouped_batches(lengths, 2, seed=1)
     assert sorted(i for b in batches for i in b) == list(range(9))
     assert batches == length_grouped_batches(lengths, 2, seed=1)
+
+
+def test_seq2seq_loss_matches_the_models_own_and_trains_eos(tiny_t5):
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from instructune.prompts import PromptFormat
+    from instructune.prompts.template import Pair
+    from instructune.train.collate import IGNORE, collate, completion_loss_sum
+
+    tok = AutoTokenizer.from_pretrained(tiny_t5)
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5).eval()
+    fmt = PromptFormat(tok, chat=False, separator="\nCategory: ", seq2seq=True)
+    pairs = [Pair([{"role": "user", "content": t}], c) for t, c in
+             (("The parcel never arrived.", "delivery"), ("I was charged twice on my invoice, please refund.", "billing"))]
+    encoded = [fmt.encode(p, 64) for p in pairs]
+    for e, p in zip(encoded, pairs):
+        assert e.labels[-1] == tok.eos_token_id and IGNORE not in e.labels
+        assert tok.decode(e.labels[:-1]).strip() == p.completion and p.completion not in tok.decode(e.input_ids)
+    batch = collate(encoded, tok.pad_token_id)
+    with torch.no_grad():
+        ours = completion_loss_sum(model, batch) / batch["n_supervised"]
+        theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert torch.allclose(ours, theirs, rtol=1e-5)

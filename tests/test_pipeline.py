@@ -73,3 +73,21 @@ def test_data_preview_shows_trained_tokens(tmp_path, tiny_model):
 def test_templates_listing():
     out = cli("templates", "qa")
     assert "qa/read-answer" in out and "classification/" not in out
+
+
+def test_t5_trains_and_evaluates_through_the_same_commands(tmp_path, tiny_t5):
+    """An encoder-decoder model: prompt to the encoder, completion (and EOS) to the decoder, same protocol."""
+    cfg = tiny_config(tmp_path, tiny_t5, ("classification", "summarization"), epochs=2, lr=5e-3)
+    cli("run", write_config(tmp_path, cfg))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results["tasks"]) == {"tiny_classification", "tiny_summarization"}
+    manifest = json.loads((tmp_path / "run" / "model" / "instructune.json").read_text())
+    assert manifest["encoder_decoder"] is True and manifest["audit"]["eos_supervised"] is True
+    adapter = json.loads((tmp_path / "run" / "model" / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "SEQ_2_SEQ_LM"
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"]  # it learns
+    cli("generate", "--model", tmp_path / "run", "--task", "tiny_classification", "my parcel is late")
+    cli("train", write_config(tmp_path, cfg), "--set", "train.method=full", "--set", "train.epochs=1")
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    cli("evaluate", write_config(tmp_path, cfg))

@@ -192,7 +192,7 @@ def generate(text: str = typer.Argument(..., help="the input: plain text for the
         raise InstructuneError(f"unknown task {task!r}; this model learned {sorted(tasks)}", "--task")
     template = TaskTemplate.from_dict(tasks[task])
     record = _record_from_text(text, template, FIELDS)
-    fmt = PromptFormat(tokenizer, meta["chat_template"], template.separator)
+    fmt = PromptFormat(tokenizer, meta["chat_template"], template.separator, meta.get("encoder_decoder", False))
     prompt = fmt.prompt_text(template.prompt_only(record))
     typer.echo(run_generate(model_obj, fmt, [prompt], max_new_tokens or template.max_new_tokens)[0])
 

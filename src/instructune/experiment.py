@@ -24,7 +24,8 @@ from .data.shapes import detect_shape
 from .errors import InstructuneError
 from .evaluate.generate import generate
 from .evaluate.metrics import PRIMARY_METRIC, compute_metrics
-from .models import PRESETS, count_parameters, load_model, load_tokenizer, resolve_model, use_chat_template, wrap_lora
+from .models import (PRESETS, count_parameters, is_encoder_decoder, load_model, load_tokenizer, resolve_model,
+                     use_chat_template, wrap_lora)
 from .prompts import Pair, PromptFormat, TaskTemplate, build_task_template
 from .train.loop import distributed
 
@@ -56,6 +57,7 @@ class Prepared:
     context_length: int
     tasks: list[Task]
     held_out: list[Task]
+    seq2seq: bool = False
 
 
 # -- data -----------------------------------------------------------------------------------------------------------
@@ -64,6 +66,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model)
     chat = use_chat_template(tokenizer, cfg.model.chat_template)
+    seq2seq = is_encoder_decoder(source, cfg.model)
     context_length = _context_length(source, cfg)
     tasks = []
     for i, (tc, held) in enumerate([(t, False) for t in cfg.tasks] + [(t, True) for t in cfg.forgetting]):
@@ -78,7 +81,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         if cfg.baseline.enabled and not held and len(pairs["train"]) < cfg.baseline.k:
             raise InstructuneError(f"the training split has {len(pairs['train'])} example(s), too few to supply "
                                    f"the {cfg.baseline.k}-shot examples (baseline.k)", where)
-        task = Task(template, records, pairs, PromptFormat(tokenizer, chat, template.separator), held)
+        task = Task(template, records, pairs, PromptFormat(tokenizer, chat, template.separator, seq2seq), held)
         if not held:
             task.leakage = find_leakage([_input_text(task, p) for p in pairs["train"]],
                                         [_input_text(task, p) for p in pairs["test"]], cfg.evaluate.leakage_threshold)
@@ -87,7 +90,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
                      f"{task.leakage['near']} near duplicate(s) (leakage inflates test scores)")
         tasks.append(task)
     return Prepared(cfg, source, tokenizer, chat, context_length,
-                    [t for t in tasks if not t.held_out], [t for t in tasks if t.held_out])
+                    [t for t in tasks if not t.held_out], [t for t in tasks if t.held_out], seq2seq)
 
 
 def _input_text(task: Task, pair: Pair) -> str:
@@ -186,7 +189,7 @@ def run_baseline(prep: Prepared, run_dir: Path, model=None) -> dict:
 def predict(model, fmt: PromptFormat, template: TaskTemplate, prompts: list[str], cfg: ExperimentConfig,
             desc: str) -> tuple[list[str], str]:
     """The model's answers and how they were produced: greedy generation, or rank classification by likelihood."""
-    if template.type == "classification" and cfg.evaluate.classification_mode == "likelihood":
+    if template.type == "classification" and cfg.evaluate.classification_mode == "likelihood" and not fmt.seq2seq:
         from .evaluate.likelihood import classify_by_likelihood
 
         return classify_by_likelihood(model, fmt, prompts, template.choices, cfg.evaluate.batch_size,
@@ -266,6 +269,7 @@ def manifest(prep: Prepared, extra: dict) -> dict:
         "base_model_hub_id": preset.hub_id if preset else cfg.model.name,
         "method": cfg.train.method,
         "chat_template": prep.chat,
+        "encoder_decoder": prep.seq2seq,
         "tasks": {t.name: t.template.to_dict() for t in prep.tasks},
         "held_out_tasks": {t.name: t.template.to_dict() for t in prep.held_out},
         "data_fingerprint": data_fingerprint(prep.tasks),
@@ -313,7 +317,7 @@ def run_evaluate(prep: Prepared, run_dir: Path) -> dict:
             raise InstructuneError(f"the model in this run was not trained with task {task.name!r}; run `instructune "
                                    f"train` again after changing the tasks", str(run_dir / "model"))
         saved = TaskTemplate.from_dict(saved_dict)  # render exactly as in training
-        fmt = PromptFormat(tokenizer, meta["chat_template"], saved.separator)
+        fmt = PromptFormat(tokenizer, meta["chat_template"], saved.separator, meta.get("encoder_decoder", False))
         prompts = [fmt.prompt_text(saved.pair(r).messages) for r in task.records["test"]]
         preds, mode = predict(model, fmt, saved, prompts, cfg, f"{task.name}: fine-tuned")
         results[task.name] = {"finetuned": score(task, preds, prompts, mode)}
@@ -363,7 +367,8 @@ def data_stats(prep: Prepared) -> dict:
         encoded = [task.fmt.encode(p, prep.cfg.train.max_length) for p in task.pairs["train"]]
         completion = [sum(label != IGNORE for label in e.labels) for e in encoded]
         out[task.name] = {"sizes": {split: len(v) for split, v in task.pairs.items()},
-                          "token_lengths": {"prompt": [len(e.input_ids) - c for e, c in zip(encoded, completion)],
+                          "token_lengths": {"prompt": [len(e.input_ids) - (0 if e.seq2seq else c)
+                                                       for e, c in zip(encoded, completion)],
                                             "completion": completion},
                           "leakage": task.leakage}
     return out

@@ -116,21 +116,39 @@ def load_tokenizer(source: str, cfg: ModelConfig):
     return tok
 
 
+def is_encoder_decoder(source: str, cfg: ModelConfig) -> bool:
+    """True for sequence-to-sequence models (T5 family), which train and generate through their own paths."""
+    import json
+
+    adapter = Path(source, "adapter_config.json")
+    if adapter.is_file():
+        return json.loads(adapter.read_text()).get("task_type") == "SEQ_2_SEQ_LM"
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    except (OSError, ValueError):
+        return False
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
 def load_model(source: str, cfg: ModelConfig, dtype=None):
-    """A causal LM (or, for an adapter folder, its base with the adapter applied) from safetensors only."""
+    """A causal or seq2seq LM (or, for an adapter folder, its base with the adapter applied), safetensors only."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     dtype = dtype or torch.float32
+    seq2seq = is_encoder_decoder(source, cfg)
     try:
         if Path(source, "adapter_config.json").is_file():
-            from peft import AutoPeftModelForCausalLM
+            from peft import AutoPeftModelForCausalLM, AutoPeftModelForSeq2SeqLM
 
-            model = AutoPeftModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True,
-                                                             trust_remote_code=cfg.trust_remote_code)
+            cls = AutoPeftModelForSeq2SeqLM if seq2seq else AutoPeftModelForCausalLM
+            model = cls.from_pretrained(source, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True,
-                                                         trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+            cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+            model = cls.from_pretrained(source, dtype=dtype, use_safetensors=True,
+                                        trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     except (OSError, ValueError) as e:
         raise InstructuneError(f"could not load the model: {e}", f"model.name: {source}") from None
     return model
@@ -140,7 +158,8 @@ def wrap_lora(model, lora: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
     config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                            target_modules=lora.target_modules, task_type="CAUSAL_LM")
+                            target_modules=lora.target_modules,
+                            task_type="SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM")
     return get_peft_model(model, config)
 
 

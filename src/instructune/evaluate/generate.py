@@ -32,7 +32,8 @@ def generate(model, fmt: PromptFormat, prompts: list[str], max_new_tokens: int, 
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=end_ids, pad_token_id=tok.pad_token_id,
                                  temperature=None, top_p=None, top_k=None)
+        start = 0 if model.config.is_encoder_decoder else length  # a decoder-only output repeats its prompt
         for row, i in enumerate(idx):
-            outputs[i] = fmt.clean_generation(tok.decode(out[row, length:], skip_special_tokens=True))
+            outputs[i] = fmt.clean_generation(tok.decode(out[row, start:], skip_special_tokens=True))
     model.train(was_training)
     return outputs

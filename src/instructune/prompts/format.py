@@ -14,15 +14,17 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]  # -100 where no loss is taken (the prompt); the completion and its end token are trained
     where: str = ""
+    seq2seq: bool = False  # encoder-decoder (T5): input_ids is the encoder's prompt, labels the decoder's target
 
 
 class PromptFormat:
     """Renders pairs for one tokenizer. `chat=True` uses the tokenizer's chat template, shots as earlier turns."""
 
-    def __init__(self, tokenizer, chat: bool, separator: str = "\n"):
+    def __init__(self, tokenizer, chat: bool, separator: str = "\n", seq2seq: bool = False):
         self.tok = tokenizer
         self.chat = chat
         self.separator = separator
+        self.seq2seq = seq2seq
 
     # -- text ---------------------------------------------------------------------------------------------------
     def prompt_text(self, messages: list[dict], shots: list[Pair] = ()) -> str:
@@ -39,6 +41,8 @@ class PromptFormat:
 
     def completion_text(self, pair: Pair) -> str:
         """The completion as trained: in chat form up to and including the end-of-turn token."""
+        if self.seq2seq:
+            return pair.completion  # the decoder starts afresh: no separator to carry
         if not self.chat:
             return " " * (len(self.separator) - len(self.separator.rstrip(" "))) + pair.completion
         prompt = self.prompt_text(pair.messages)
@@ -69,6 +73,10 @@ class PromptFormat:
             completion_ids = completion_ids + [self.tok.eos_token_id]
         if len(completion_ids) >= max_length:
             completion_ids = completion_ids[: max_length // 2 - 1] + completion_ids[-1:]
+        if self.seq2seq:  # the encoder reads the prompt, the decoder learns the whole completion
+            if len(prompt_ids) > max_length:
+                prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - max_length + 1:]
+            return Encoded(prompt_ids, completion_ids, pair.where, seq2seq=True)
         keep = max_length - len(completion_ids)
         if len(prompt_ids) > keep:  # keep the end of the prompt: it holds the question and the answer cue
             prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep + 1:]

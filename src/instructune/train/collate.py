@@ -18,7 +18,9 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor | in
 
     Then the logits needed for the loss are the last `logits_to_keep` positions: the model skips the vocabulary
     projection (the costliest layer of a small LM) for the whole prompt. Positions are given explicitly so a
-    padded row is computed exactly as it would be alone."""
+    padded row is computed exactly as it would be alone. Encoder-decoder examples go to `collate_seq2seq`."""
+    if examples[0].seq2seq:
+        return collate_seq2seq(examples, pad_id)
     length = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
@@ -36,8 +38,31 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor | in
             "logits_to_keep": length - first + 1, "n_supervised": int(supervised.sum())}
 
 
+def collate_seq2seq(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor | int]:
+    """Encoder prompts padded on the left (as for generation), decoder targets padded on the right with IGNORE."""
+    length = max(len(e.input_ids) for e in examples)
+    target = max(len(e.labels) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    labels = torch.full((len(examples), target), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, length - len(e.input_ids):] = torch.tensor(e.input_ids)
+        mask[i, length - len(e.input_ids):] = 1
+        labels[i, :len(e.labels)] = torch.tensor(e.labels)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "seq2seq": True,
+            "n_supervised": int((labels != IGNORE).sum())}
+
+
 def completion_loss_sum(model, batch: dict) -> torch.Tensor:
     """Summed cross-entropy over completion tokens (divide by the supervised count of the whole optimizer step)."""
+    if batch.get("seq2seq"):
+        labels, config = batch["labels"], getattr(model, "module", model).config  # DDP wraps the model
+        decoder_ids = labels.masked_fill(labels == IGNORE, config.pad_token_id)
+        start = torch.full_like(decoder_ids[:, :1], config.decoder_start_token_id)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    decoder_input_ids=torch.cat([start, decoder_ids[:, :-1]], dim=1), use_cache=False)
+        logits = out.logits.float()
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
     keep = batch["logits_to_keep"]
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 position_ids=batch["position_ids"], logits_to_keep=keep, use_cache=False)
