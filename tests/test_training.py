@@ -113,3 +113,27 @@ def test_tensorboard_gets_the_logged_scalars(tmp_path, tiny_model):
     losses = [e.value for e in events.Scalars("train/loss")]
     assert losses == [float(torch.tensor(e["loss"], dtype=torch.float32)) for e in log]
     assert len(events.Scalars("train/val_loss")) == sum("val_loss" in e for e in log) >= 2
+
+
+def test_metric_validation_early_stopping_and_best_weights(tmp_path, tiny_model):
+    from instructune.experiment import validation_scorer
+
+    cfg, prep, examples = _setup(tmp_path, tiny_model, batch_size=8, epochs=8, eval_every=1, eval_metric=True,
+                                 metric_samples=4, early_stopping_patience=2, keep_best=True, lr=1e-2)
+    scorer = validation_scorer(prep)
+    scores, snapshots = [], []
+
+    def score(m):  # the real scorer; the weights seen at each validation are kept to check which ones survive
+        snapshots.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+        scores.append(scorer(m))
+        return scores[-1]
+
+    torch.manual_seed(0)
+    model = load_model(prep.model_source, cfg.model)
+    log = train(model, examples, examples[:4], cfg.train, prep.tokenizer.pad_token_id, 0, score_fn=score)
+    assert [e["val_metric"] for e in log] == scores and all(0 <= s <= 1 for s in scores)
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # the first of the best
+    assert log[-1].get("early_stop") and len(log) == best + 1 + 2 < 32  # stopped 2 validations after the best
+    final = model.state_dict()
+    assert all(torch.equal(final[k], snapshots[best][k]) for k in final)
+    assert best == len(log) - 1 or not all(torch.equal(final[k], snapshots[-1][k]) for k in final)

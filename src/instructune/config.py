@@ -91,6 +91,12 @@ class TrainConfig(Strict):
     max_validation: int = Field(64, gt=0, description="validation examples scored for loss during training")
     bf16: bool = Field(False, description="bfloat16 autocast (CPU with AVX512-BF16/AMX, or CUDA)")
     save_every: int = Field(0, ge=0, description="steps between checkpoints for `--resume` (0: none)")
+    eval_metric: bool = Field(False, description="at each validation also score each task's own metric by generation "
+                                                 "on a fixed validation subsample (`metric_samples` per task)")
+    metric_samples: int = Field(16, gt=0, description="validation examples per task scored by generation")
+    early_stopping_patience: int | None = Field(None, gt=0, description="stop after this many validations without "
+                                                "improvement (of the metric with eval_metric, else of the loss)")
+    keep_best: bool = Field(False, description="end with the weights of the best validation, not the last step")
     tensorboard: bool = Field(False, description="also log to runs/<name>/tensorboard (needs the tensorboard package)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 

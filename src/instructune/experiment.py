@@ -235,7 +235,13 @@ def run_train(prep: Prepared, run_dir: Path, resume: bool = False) -> Path:
     if resume and not (checkpoint / "state.pt").is_file():
         _say("no checkpoint to resume from: training from the start")
     log = train(model, train_set, val_set, cfg.train, prep.tokenizer.pad_token_id, cfg.seed, run_dir / "train_log.jsonl",
-                checkpoint, resume, run_dir / "tensorboard" if cfg.train.tensorboard else None)
+                checkpoint, resume, run_dir / "tensorboard" if cfg.train.tensorboard else None,
+                validation_scorer(prep) if cfg.train.eval_metric else None)
+    if cfg.train.keep_best and any("val_loss" in e for e in log):
+        key = "val_metric" if cfg.train.eval_metric else "val_loss"
+        sign = 1 if key == "val_metric" else -1
+        best = max((e for e in log if key in e), key=lambda e: sign * e[key])
+        _say(f"kept the weights of step {best['step']} (best {key.replace('_', ' ')} {best[key]:.4f})")
     out = run_dir / "model"
     if distributed()[0] > 0:
         return out  # process 0 saves
@@ -245,6 +251,24 @@ def run_train(prep: Prepared, run_dir: Path, resume: bool = False) -> Path:
 
     shutil.rmtree(checkpoint, ignore_errors=True)  # the finished model replaces it
     return out
+
+
+def validation_scorer(prep: Prepared):
+    """The tasks' own metric by greedy generation on a fixed validation subsample, averaged over tasks (0..1)."""
+    cfg = prep.cfg
+    subsets = [(t, t.pairs.get("validation", [])[: cfg.train.metric_samples]) for t in prep.tasks]
+    subsets = [(t, pairs) for t, pairs in subsets if pairs]
+
+    def score(model) -> float:
+        values = []
+        for task, pairs in subsets:
+            prompts = [task.fmt.prompt_text(p.messages) for p in pairs]
+            preds = generate(model, task.fmt, prompts, task.template.max_new_tokens, cfg.evaluate.batch_size,
+                             desc=f"{task.name}: validation metric", bf16=cfg.train.bf16)
+            metrics, _ = compute_metrics(task.template.type, preds, [p.completion for p in pairs], task.template.choices)
+            values.append(metrics[PRIMARY_METRIC[task.template.type]])
+        return sum(values) / max(len(values), 1)
+    return score
 
 
 def save_model(model, prep: Prepared, out: Path, extra: dict) -> None:

@@ -45,14 +45,19 @@ def _to(batch: dict, device) -> dict:
 
 def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainConfig, pad_id: int, seed: int,
           log_path: Path | None = None, checkpoint_dir: Path | None = None, resume: bool = False,
-          tensorboard_dir: Path | None = None) -> list[dict]:
+          tensorboard_dir: Path | None = None, score_fn=None) -> list[dict]:
     """Supervised fine-tuning on completion tokens; returns the log (one dict per optimizer step).
 
     Each optimizer step takes `batch_size * grad_accum` examples grouped by length and splits them into
     `grad_accum` micro-batches; the loss is normalised by the supervised tokens of the whole step, so accumulation
     gives the same update as one big batch. With `checkpoint_dir`, a checkpoint (trainable weights, optimizer,
     scheduler, RNG, data position) is written atomically every `save_every` steps; `resume` continues from it
-    exactly, and the log is cut back to the checkpoint's step."""
+    exactly, and the log is cut back to the checkpoint's step.
+
+    At each validation, `score_fn(model) -> float` (higher is better; e.g. the task metric by generation on a fixed
+    validation subsample) is logged as `val_metric`; it (or else the validation loss) decides the best step, early
+    stopping after `early_stopping_patience` validations without improvement, and, with `keep_best`, which
+    weights the model ends with."""
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     rank, world = distributed()
@@ -72,10 +77,17 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
         optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
     eval_every = cfg.eval_every or steps_per_epoch
     step, tokens, elapsed_before = 0, 0, 0.0
+    best: dict = {"score": None, "step": 0, "bad": 0}
+    best_weights = None
     log: list[dict] = []
     if resume and checkpoint_dir is not None and (checkpoint_dir / "state.pt").is_file():
         state = load_checkpoint(checkpoint_dir, named, optimizer, scheduler)
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
+        best = state.get("best", best)
+        if (checkpoint_dir / "best.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            best_weights = load_file(str(checkpoint_dir / "best.safetensors"))
         if log_path and log_path.is_file():
             log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
             log = [e for e in log if e["step"] <= step]
@@ -102,7 +114,8 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
     model.train()
     started = time.perf_counter() - elapsed_before
     bar = tqdm(total=total_steps, initial=step, desc="fine-tuning", unit="step", dynamic_ncols=True, disable=rank > 0)
-    while step < total_steps:
+    stopped = False
+    while step < total_steps and not stopped:
         epoch, position = divmod(step, steps_per_epoch)
         groups = length_grouped_batches(lengths, per_step, seed + epoch)  # the data order is a function of the step
         for group in groups[position:]:
@@ -140,13 +153,30 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
                      "lr": scheduler.get_last_lr()[0], "tokens": tokens, "tokens_per_s": tokens / elapsed}
             if val_set and (step % eval_every == 0 or step == total_steps):
                 entry["val_loss"] = validation_loss(model, val_set, pad_id, cfg.batch_size, cfg.bf16)
+                if score_fn is not None:
+                    entry["val_metric"] = float(score_fn(model))
+                score = entry["val_metric"] if score_fn is not None else -entry["val_loss"]
+                if best["score"] is None or score > best["score"]:
+                    best = {"score": score, "step": step, "bad": 0}
+                    if cfg.keep_best:
+                        best_weights = {n: p.detach().clone() for n, p in named}
+                else:
+                    best["bad"] += 1
+                    if cfg.early_stopping_patience and best["bad"] >= cfg.early_stopping_patience:
+                        entry["early_stop"] = stopped = True
             record(entry)
             if checkpoint_dir is not None and cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 save_checkpoint(checkpoint_dir, named, optimizer, scheduler,
-                                {"step": step, "tokens": tokens, "elapsed": elapsed})
+                                {"step": step, "tokens": tokens, "elapsed": elapsed, "best": best}, best_weights)
             bar.update(1)
-            bar.set_postfix({k: f"{entry[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s") if k in entry})
+            bar.set_postfix({k: f"{entry[k]:.4g}" for k in ("loss", "val_loss", "val_metric", "tokens_per_s") if k in entry})
+            if stopped:
+                break
     bar.close()
+    if cfg.keep_best and best_weights is not None and best["step"] != step:
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(best_weights[n])
     if log_file:
         log_file.close()
     if board:
@@ -180,7 +210,7 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def save_checkpoint(folder: Path, named, optimizer, scheduler, state: dict) -> None:
+def save_checkpoint(folder: Path, named, optimizer, scheduler, state: dict, best_weights: dict | None = None) -> None:
     """Trainable weights (safetensors), optimizer and scheduler state, RNG state; the folder replaced atomically."""
     import os
     import shutil
@@ -192,6 +222,8 @@ def save_checkpoint(folder: Path, named, optimizer, scheduler, state: dict) -> N
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     save_file({n: p.detach().contiguous() for n, p in named}, str(tmp / "trainable.safetensors"))
+    if best_weights is not None:
+        save_file({n: w.contiguous() for n, w in best_weights.items()}, str(tmp / "best.safetensors"))
     torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
     old = folder.with_name(folder.name + ".old")
