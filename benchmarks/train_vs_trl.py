@@ -6,7 +6,7 @@ Not a test: run it by hand. TRL is a benchmark-only dependency, not one of instr
     .venv/bin/python benchmarks/train_vs_trl.py --steps 10 --models smollm2-135m
 
 Both tools train the same model (a preset resolved by instructune, loaded in fp32 from its local safetensors folder)
-with the same LoRA adapter (r=16, alpha=32, dropout 0.05, all linear layers), AdamW (no weight decay, gradient
+with the same LoRA adapter (r=16, alpha=32, dropout `--lora-dropout` (default 0), all linear layers), AdamW (no weight decay, gradient
 clipping at 1.0), learning rate 5e-4 on a linear schedule with the same warm-up (`--warmup-steps`, default 0: with
 warm-up, transformers' schedule starts at lr 0 and instructune's at lr/(warmup+1), the one place they differ),
 batch size 8, `--steps N` optimizer steps over exactly the first N*8 training examples (one epoch), fp32 unless
@@ -68,7 +68,7 @@ def run_instructune(args, cfg, prep, encoded) -> dict:
     from instructune.train.loop import train
 
     torch.manual_seed(0)
-    lora = cfg.train.lora.model_copy(update={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"})
+    lora = cfg.train.lora.model_copy(update={"r": 16, "alpha": 32, "dropout": args.lora_dropout, "target_modules": "all-linear"})
     tcfg = cfg.train.model_copy(update={
         "method": "lora", "lr": LR, "batch_size": BATCH, "grad_accum": 1, "epochs": 1.0, "bf16": args.bf16,
         "max_length": MAX_LENGTH, "weight_decay": 0.0, "max_grad_norm": 1.0, "lora": lora,
@@ -93,7 +93,8 @@ def run_trl(args, cfg, prep, encoded) -> dict:
             "completion_mask": [[int(label != -100) for label in e.labels] for e in encoded]}
     dataset = datasets.Dataset.from_dict(rows)
     model = AutoModelForCausalLM.from_pretrained(prep.model_source, dtype=torch.float32, use_safetensors=True)
-    lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=args.lora_dropout, target_modules="all-linear",
+                           task_type="CAUSAL_LM")
     out = Path(os.environ.get("TMPDIR", "/tmp")) / "instructune-train-vs-trl"
     sft = trl.SFTConfig(
         output_dir=str(out), completion_only_loss=True, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
@@ -146,7 +147,7 @@ def throughput(r: dict, steady: bool) -> float:
 
 def spawn(tool: str, model: str, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, model, "--steps", str(args.steps),
-           "--warmup-steps", str(args.warmup_steps), "--config", args.config]
+           "--warmup-steps", str(args.warmup_steps), "--config", args.config, "--lora-dropout", str(args.lora_dropout)]
     cmd += ["--bf16"] if args.bf16 else []
     cmd += ["--trl-gradient-checkpointing"] if args.trl_gradient_checkpointing else []
     started = time.perf_counter()
@@ -165,6 +166,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps (batch size 8: steps*8 examples)")
     parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--lora-dropout", type=float, default=0.0,
+                        help="LoRA dropout for both tools (default 0, instructune's default; 0.05 is TRL's usual)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for both (default fp32)")
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
                         help="keep TRL's default gradient checkpointing (off by default here: instructune has none)")
@@ -178,7 +181,8 @@ def main() -> None:
 
     import torch
 
-    print(f"# {args.steps} steps x batch {BATCH}, {'bf16 autocast' if args.bf16 else 'fp32'}, torch {torch.__version__}, "
+    print(f"# {args.steps} steps x batch {BATCH}, LoRA dropout {args.lora_dropout}, "
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; TRL gradient checkpointing "
           f"{'on' if args.trl_gradient_checkpointing else 'off'}; same examples, order within the epoch differs "
           f"(TRL shuffles, instructune groups by length)", flush=True)
