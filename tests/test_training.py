@@ -45,7 +45,7 @@ def _train_cli(config, *extra):
 
 
 def test_sigkill_and_resume_equals_the_uninterrupted_run(tmp_path, tiny_model):
-    common = dict(epochs=2, batch_size=4, save_every=1)
+    common = dict(epochs=2, batch_size=4, save_every=1, lora={"dropout": 0.1})  # dropout: the RNG state must resume too
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     whole = tiny_config(tmp_path / "a", tiny_model, ("classification",), n_train=24, **common)
     subprocess.run(_train_cli(write_config(tmp_path, whole, "whole.yaml")), check=True, env=env, capture_output=True)
