@@ -57,6 +57,7 @@ def test_padded_batch_loss_equals_unpadded(tiny_model):
             full += torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum").item()
     assert together == pytest.approx(alone, rel=1e-5)
     assert together == pytest.approx(full, rel=1e-5)
+    assert collate(exs, 0)["n_supervised"] == sum(e.n_supervised for e in exs) == 3 + 6 + 1
 
 
 def test_audit_refuses_data_with_no_supervised_token():
@@ -107,6 +108,7 @@ def test_seq2seq_loss_matches_the_models_own_and_trains_eos(tiny_t5):
         assert e.labels[-1] == tok.eos_token_id and IGNORE not in e.labels
         assert tok.decode(e.labels[:-1]).strip() == p.completion and p.completion not in tok.decode(e.input_ids)
     batch = collate(encoded, tok.pad_token_id)
+    assert batch["n_supervised"] == sum(e.n_supervised for e in encoded) == sum(len(e.labels) for e in encoded)
     with torch.no_grad():
         ours = completion_loss_sum(model, batch) / batch["n_supervised"]
         theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss

@@ -384,12 +384,10 @@ def start_run(cfg: ExperimentConfig, prep: Prepared) -> Path:
 
 def data_stats(prep: Prepared) -> dict:
     """Per task: split sizes, token lengths of the training pairs (prompt, completion) and the leakage check."""
-    from .train.collate import IGNORE
-
     out = {}
     for task in prep.tasks:
         encoded = [task.fmt.encode(p, prep.cfg.train.max_length) for p in task.pairs["train"]]
-        completion = [sum(label != IGNORE for label in e.labels) for e in encoded]
+        completion = [e.n_supervised for e in encoded]
         out[task.name] = {"sizes": {split: len(v) for split, v in task.pairs.items()},
                           "token_lengths": {"prompt": [len(e.input_ids) - (0 if e.seq2seq else c)
                                                        for e, c in zip(encoded, completion)],

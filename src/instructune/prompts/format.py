@@ -16,6 +16,11 @@ class Encoded:
     where: str = ""
     seq2seq: bool = False  # encoder-decoder (T5): input_ids is the encoder's prompt, labels the decoder's target
 
+    @property
+    def n_supervised(self) -> int:
+        """Tokens that carry a loss. In a causal LM nothing predicts the first token; a decoder target has no such gap."""
+        return sum(label != -100 for label in (self.labels if self.seq2seq else self.labels[1:]))
+
 
 class PromptFormat:
     """Renders pairs for one tokenizer. `chat=True` uses the tokenizer's chat template, shots as earlier turns."""

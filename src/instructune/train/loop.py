@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..prompts.format import Encoded
-from .collate import IGNORE, collate, completion_loss_sum, length_grouped_batches
+from .collate import collate, completion_loss_sum, length_grouped_batches
 
 
 def autocast(bf16: bool, device: torch.device):
@@ -68,7 +68,7 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     lengths = [len(e.input_ids) for e in train_set]
-    supervised = [sum(label != IGNORE for label in e.labels[1:]) for e in train_set]
+    supervised = [e.n_supervised for e in train_set]
     per_step = cfg.batch_size * cfg.grad_accum * world  # the global batch
     steps_per_epoch = math.ceil(len(train_set) / per_step)
     total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
