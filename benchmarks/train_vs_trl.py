@@ -3,27 +3,35 @@
 Not a test: run it by hand. TRL is a benchmark-only dependency, not one of instructune's:
 
     .venv/bin/pip install trl
-    .venv/bin/python benchmarks/train_vs_trl.py --steps 10 --models smollm2-135m
+    .venv/bin/python benchmarks/train_vs_trl.py                        # both presets, both data sets, both tables
+    .venv/bin/python benchmarks/train_vs_trl.py --models smollm2-135m --data uci --tables same
 
-Both tools train the same model (a preset resolved by instructune, loaded in fp32 from its local safetensors folder)
-with the same LoRA adapter (r=16, alpha=32, dropout `--lora-dropout` (default 0), all linear layers), AdamW (no weight decay, gradient
-clipping at 1.0), learning rate 5e-4 on a linear schedule with the same warm-up (`--warmup-steps`, default 0: with
-warm-up, transformers' schedule starts at lr 0 and instructune's at lr/(warmup+1), the one place they differ),
-batch size 8, `--steps N` optimizer steps over exactly the first N*8 training examples (one epoch), fp32 unless
-`--bf16` (autocast for both). The examples are instructune's own: prepared by `instructune.experiment.prepare` and
-encoded by the task's `PromptFormat` (prompt tokens masked, completion and end token trained); TRL gets the very
-same token ids as a pre-tokenized dataset (`input_ids` + `completion_mask`, `completion_only_loss=True`), so both
-compute the loss over the same tokens. The order inside the epoch differs: TRL's sampler shuffles, instructune
-groups examples of similar length into each step (fewer padding tokens), so per-step losses are not the same
-batches; the mean loss over the last 5 steps is printed alongside the last step's.
+Table 1, the same settings: both tools train the same model (a preset resolved by instructune, loaded in fp32 from
+its local safetensors folder) with the same LoRA adapter (r=16, alpha=32, dropout `--lora-dropout` (default 0), all
+linear layers), AdamW (no weight decay, gradient clipping at 1.0), learning rate 5e-4 on a linear schedule with the
+same warm-up (`--warmup-steps`, default 0: with warm-up, transformers' schedule starts at lr 0 and instructune's at
+lr/(warmup+1), the one place they differ), batch size 8, fp32 unless `--bf16`, on the same examples in the same
+order: instructune's own, prepared by `instructune.experiment.prepare` and encoded by the task's `PromptFormat`
+(prompt tokens masked, completion and end token trained). TRL gets the very same token ids as a pre-tokenized
+dataset (`input_ids` + `completion_mask`, `completion_only_loss=True`) already in instructune's step order
+(length-grouped) and reads it sequentially (`train_sampling_strategy="sequential"`), so step N of each tool sees
+the same 8 examples and the losses are comparable step for step. TRL's `SFTConfig` turns gradient checkpointing on
+by default; it is off here (instructune does not use it) unless `--trl-gradient-checkpointing`.
 
-TRL's `SFTConfig` turns gradient checkpointing on by default; instructune does not use it, so this benchmark turns
-it off for TRL too (like for like) unless `--trl-gradient-checkpointing` is given.
+Table 2, each tool at its best settings on this machine: bf16 autocast for both; TRL without gradient
+checkpointing and with its own length grouping (`train_sampling_strategy="group_by_length"`; its padding-free mode
+needs FlashAttention, so not on a CPU); instructune with its defaults (length-grouped, left-padded batches). Orders
+differ there, so the loss column is the mean over the last 5 steps.
 
-Each (tool, model) runs in its own subprocess (`--worker TOOL MODEL`), so peak RSS (`ru_maxrss`) is per tool; both
-workers do the same preparation (config, tokenizer, data, model load) before training. Throughput counts
-non-padding tokens (the attention mask) processed by the optimizer steps, over training wall time; "steady" leaves
-out the first step (warm-up of kernels and allocators), "whole" counts every step.
+Data: `uci` is the UCI sentiment classification data (configs/uci-sentiment.yaml; completions of 2 tokens), `emails`
+the e-mail subject lines (configs/email-subjects.yaml, a short summarization with ~8-token completions and prompts
+of ~200 tokens), both from ../shared/datasets/. `--steps N` optimizer steps take the first N*8 training examples
+(`--email-steps` for the longer e-mails).
+
+Each (tool, model, data, setting) runs in its own subprocess, so peak RSS (`ru_maxrss`) is per tool; both workers do
+the same preparation (config, tokenizer, data, model load) before training. Throughput counts non-padding tokens
+processed by the optimizer steps, over training wall time; "steady" leaves out the first step (warm-up of kernels
+and allocators), "whole" counts every step.
 """
 
 from __future__ import annotations
@@ -39,8 +47,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 8
-MAX_LENGTH = 512
+MAX_LENGTH = 384
 LR = 5e-4
+DATA = {"uci": "configs/uci-sentiment.yaml", "emails": "configs/email-subjects.yaml"}
 
 
 def peak_rss_mib() -> float:
@@ -61,6 +70,13 @@ def prepared(config: str, model: str, steps: int):
     return cfg, prep, encoded
 
 
+def step_order(encoded) -> list[int]:
+    """instructune's order of the examples in its first epoch (seed 0): its optimizer steps, one after the other."""
+    from instructune.train.collate import length_grouped_batches
+
+    return [i for group in length_grouped_batches([len(e.input_ids) for e in encoded], BATCH, 0) for i in group]
+
+
 def run_instructune(args, cfg, prep, encoded) -> dict:
     import torch
 
@@ -70,7 +86,7 @@ def run_instructune(args, cfg, prep, encoded) -> dict:
     torch.manual_seed(0)
     lora = cfg.train.lora.model_copy(update={"r": 16, "alpha": 32, "dropout": args.lora_dropout, "target_modules": "all-linear"})
     tcfg = cfg.train.model_copy(update={
-        "method": "lora", "lr": LR, "batch_size": BATCH, "grad_accum": 1, "epochs": 1.0, "bf16": args.bf16,
+        "method": "lora", "lr": LR, "batch_size": BATCH, "grad_accum": 1, "epochs": 1.0, "bf16": bf16(args),
         "max_length": MAX_LENGTH, "weight_decay": 0.0, "max_grad_norm": 1.0, "lora": lora,
         # int(steps * ratio) == warmup_steps; the epsilon guards against float rounding down
         "warmup_ratio": (args.warmup_steps / args.steps + 1e-9) if args.warmup_steps else 0.0,
@@ -89,6 +105,9 @@ def run_trl(args, cfg, prep, encoded) -> dict:
     from transformers import AutoModelForCausalLM, TrainerCallback
 
     torch.manual_seed(0)
+    best = args.setting == "best"
+    if not best:  # the same steps as instructune: its order, read sequentially
+        encoded = [encoded[i] for i in step_order(encoded)]
     rows = {"input_ids": [e.input_ids for e in encoded],
             "completion_mask": [[int(label != -100) for label in e.labels] for e in encoded]}
     dataset = datasets.Dataset.from_dict(rows)
@@ -100,9 +119,10 @@ def run_trl(args, cfg, prep, encoded) -> dict:
         output_dir=str(out), completion_only_loss=True, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
         max_steps=args.steps, num_train_epochs=1, learning_rate=LR, lr_scheduler_type="linear",
         warmup_steps=args.warmup_steps, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
-        logging_steps=1, report_to=[], save_strategy="no", bf16=args.bf16, fp16=False, use_cpu=True,
+        logging_steps=1, report_to=[], save_strategy="no", bf16=bf16(args), fp16=False, use_cpu=True,
         dataloader_num_workers=0, seed=0, max_length=MAX_LENGTH, packing=False,
-        gradient_checkpointing=args.trl_gradient_checkpointing, disable_tqdm=True)
+        train_sampling_strategy="group_by_length" if best else "sequential",
+        gradient_checkpointing=args.trl_gradient_checkpointing and not best, disable_tqdm=True)
 
     marks: list[float] = []
     counted: list[int] = []
@@ -131,9 +151,13 @@ def run_trl(args, cfg, prep, encoded) -> dict:
             "trl": trl.__version__, "gradient_checkpointing": args.trl_gradient_checkpointing}
 
 
+def bf16(args) -> bool:
+    return args.bf16 or args.setting == "best"
+
+
 def worker(args) -> None:
     tool, model = args.worker
-    cfg, prep, encoded = prepared(args.config, model, args.steps)
+    cfg, prep, encoded = prepared(DATA.get(args.data, args.data), model, steps_for(args))
     result = (run_instructune if tool == "instructune" else run_trl)(args, cfg, prep, encoded)
     result.update(tool=tool, model=model, peak_rss_mib=peak_rss_mib())
     print("RESULT " + json.dumps(result), flush=True)
@@ -145,9 +169,14 @@ def throughput(r: dict, steady: bool) -> float:
     return r["tokens"][-1] / r["elapsed"][-1]
 
 
-def spawn(tool: str, model: str, args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, model, "--steps", str(args.steps),
-           "--warmup-steps", str(args.warmup_steps), "--config", args.config, "--lora-dropout", str(args.lora_dropout)]
+def steps_for(args) -> int:
+    return args.email_steps if args.data == "emails" else args.steps
+
+
+def spawn(tool: str, model: str, data: str, setting: str, args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, model, "--data", data, "--setting", setting,
+           "--steps", str(args.steps), "--email-steps", str(args.email_steps), "--warmup-steps", str(args.warmup_steps),
+           "--lora-dropout", str(args.lora_dropout)]
     cmd += ["--bf16"] if args.bf16 else []
     cmd += ["--trl-gradient-checkpointing"] if args.trl_gradient_checkpointing else []
     started = time.perf_counter()
@@ -155,54 +184,71 @@ def spawn(tool: str, model: str, args) -> dict:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"{tool} worker for {model} failed (exit {proc.returncode})")
+        raise SystemExit(f"{tool} worker for {model} on {data} ({setting}) failed (exit {proc.returncode})")
     result = json.loads(lines[-1][len("RESULT "):])
-    print(f"  {tool:<11} {model}: {time.perf_counter() - started:.0f} s in all", file=sys.stderr, flush=True)
+    print(f"  {tool:<11} {model} {data} {setting}: {time.perf_counter() - started:.0f} s in all", file=sys.stderr, flush=True)
     return result
+
+
+def compare(model: str, data: str, setting: str, ours: dict, theirs: dict) -> str:
+    common = min(len(ours["losses"]), len(theirs["losses"]))
+    last_o, last_t = ours["losses"][common - 1], theirs["losses"][common - 1]
+    tail = min(5, common)
+    mean_o = sum(ours["losses"][common - tail:common]) / tail
+    mean_t = sum(theirs["losses"][common - tail:common]) / tail
+    steady_o, steady_t = throughput(ours, True), throughput(theirs, True)
+    whole_o, whole_t = throughput(ours, False), throughput(theirs, False)
+    rss_o, rss_t = ours["peak_rss_mib"], theirs["peak_rss_mib"]
+    loss = (f"loss at step {common} {last_o:.4f} vs {last_t:.4f} ({(last_o / last_t - 1) * 100:+.1f} %)" if setting == "same"
+            else f"mean loss of the last {tail} steps {mean_o:.4f} vs {mean_t:.4f} (different orders)")
+    return (f"{model:<13} {data:<6} tokens/s {steady_o:4.0f} vs {steady_t:4.0f} ({steady_o / steady_t:.2f}x; whole run "
+            f"{whole_o / whole_t:.2f}x)  peak RSS {rss_o:4.0f} vs {rss_t:4.0f} MiB ({rss_o / rss_t:.2f}x)  {loss}  "
+            f"[tokens {ours['tokens'][-1]} vs {theirs['tokens'][-1]}]")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps (batch size 8: steps*8 examples)")
+    parser.add_argument("--data", nargs="+", default=["uci", "emails"],
+                        help="uci (sentiment classification), emails (subject lines: summarization), or config paths")
+    parser.add_argument("--tables", nargs="+", choices=["same", "best"], default=["same", "best"],
+                        help="same: identical settings and steps; best: each tool at its best settings (bf16)")
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps on uci (batch size 8: steps*8 examples)")
+    parser.add_argument("--email-steps", type=int, default=5, help="optimizer steps on emails (longer prompts)")
     parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument("--lora-dropout", type=float, default=0.0,
                         help="LoRA dropout for both tools (default 0, instructune's default; 0.05 is TRL's usual)")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for both (default fp32)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for both in table 1 (default fp32)")
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
-                        help="keep TRL's default gradient checkpointing (off by default here: instructune has none)")
-    parser.add_argument("--config", default="configs/uci-sentiment.yaml")
+                        help="keep TRL's default gradient checkpointing in table 1 (off by default: instructune has none)")
     parser.add_argument("--worker", nargs=2, metavar=("TOOL", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--setting", default="same", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         if args.worker[0] not in ("instructune", "trl"):
             parser.error("--worker TOOL must be instructune or trl")
+        args.data = args.data[0]
         return worker(args)
 
     import torch
 
-    print(f"# {args.steps} steps x batch {BATCH}, LoRA dropout {args.lora_dropout}, "
-          f"{'bf16 autocast' if args.bf16 else 'fp32'}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; TRL gradient checkpointing "
-          f"{'on' if args.trl_gradient_checkpointing else 'off'}; same examples, order within the epoch differs "
-          f"(TRL shuffles, instructune groups by length)", flush=True)
-    for model in args.models:
-        ours = spawn("instructune", model, args)
-        theirs = spawn("trl", model, args)
-        common = min(len(ours["losses"]), len(theirs["losses"]))
-        last_o, last_t = ours["losses"][common - 1], theirs["losses"][common - 1]
-        tail = min(5, common)
-        mean_o = sum(ours["losses"][common - tail:common]) / tail
-        mean_t = sum(theirs["losses"][common - tail:common]) / tail
-        steady_o, steady_t = throughput(ours, True), throughput(theirs, True)
-        whole_o, whole_t = throughput(ours, False), throughput(theirs, False)
-        print(f"{model} (TRL {theirs['trl']}): tokens/s {steady_o:.0f} vs {steady_t:.0f} ({steady_o / steady_t:.2f}x; "
-              f"whole run {whole_o:.0f} vs {whole_t:.0f}, {whole_o / whole_t:.2f}x), "
-              f"peak RSS {ours['peak_rss_mib']:.0f} vs {theirs['peak_rss_mib']:.0f} MiB "
-              f"({ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}x), "
-              f"loss at step {common} {last_o:.4f} vs {last_t:.4f} ({(last_o / last_t - 1) * 100:+.1f} %), "
-              f"mean of last {tail} {mean_o:.4f} vs {mean_t:.4f} ({(mean_o / mean_t - 1) * 100:+.1f} %) "
-              f"[instructune vs TRL; tokens {ours['tokens'][-1]} vs {theirs['tokens'][-1]}]", flush=True)
+    started = time.perf_counter()
+    print(f"# instructune vs TRL, batch 8, LoRA r=16 all-linear, dropout {args.lora_dropout}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; steps: uci {args.steps}, emails {args.email_steps}", flush=True)
+    for setting in args.tables:
+        if setting == "same":
+            print(f"\n## 1. same settings: {'bf16 autocast' if args.bf16 else 'fp32'}, same examples in the same order, "
+                  f"TRL gradient checkpointing {'on' if args.trl_gradient_checkpointing else 'off'} "
+                  f"[instructune vs TRL]", flush=True)
+        else:
+            print("\n## 2. each tool at its best settings: bf16 autocast; TRL group_by_length, no gradient "
+                  "checkpointing; instructune defaults [instructune vs TRL]", flush=True)
+        for model in args.models:
+            for data in args.data:
+                ours = spawn("instructune", model, data, setting, args)
+                theirs = spawn("trl", model, data, setting, args)
+                print(compare(model, data, setting, ours, theirs), flush=True)
+    print(f"\n# {time.perf_counter() - started:.0f} s in all", flush=True)
 
 
 if __name__ == "__main__":

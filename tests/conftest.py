@@ -67,6 +67,31 @@ def build_tiny_t5(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def build_tiny_gemma(path: Path, seed: int = 0) -> Path:
+    """A tiny random Gemma 3 (text) with the chat tokenizer: the other causal family we ship a preset for, with a
+    sliding-window layer (window 8) next to a full-attention one."""
+    import torch
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    build_tiny_model(path, chat=True, seed=seed)
+    tok = AutoTokenizer.from_pretrained(path)
+    for name in ("model.safetensors", "config.json", "generation_config.json"):
+        (path / name).unlink(missing_ok=True)
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8,
+                           sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                           max_position_embeddings=1024, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                           bos_token_id=tok.bos_token_id)
+    Gemma3ForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory) -> Path:
+    return build_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma"))
+
+
 @pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory) -> Path:
     return build_tiny_t5(tmp_path_factory.mktemp("tiny-t5"))

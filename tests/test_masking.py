@@ -39,13 +39,56 @@ def test_padding_is_masked_and_left_aligned():
     assert batch["labels"].tolist() == [[IGNORE] * 5 + [7, 8], [IGNORE] * 5 + [10, 11]]  # pads never trained
     assert batch["position_ids"].tolist() == [[0, 0, 0, 0, 1, 2, 3], list(range(7))]
     assert batch["n_supervised"] == 4
-    assert batch["logits_to_keep"] == 3  # logits only from the position before the first completion token
+    # logits only at the positions that predict a completion token, and their targets in the same order
+    assert batch["logits_to_keep"].tolist() == [[False] * 4 + [True, True, False], [False] * 4 + [True, True, False]]
+    assert batch["targets"].tolist() == [7, 8, 10, 11]
+
+
+def test_packed_batch_is_one_row_without_padding():
+    a = Encoded([5, 6, 7, 8], [IGNORE, IGNORE, 7, 8])
+    b = Encoded([5, 6, 9, 10, 11], [IGNORE] * 3 + [10, 11])
+    batch = collate([a, b], pad_id=0, packed=True)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 5, 6, 9, 10, 11]]
+    assert "attention_mask" not in batch  # transformers derives the block-diagonal mask from the positions
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4]]
+    assert batch["logits_to_keep"].tolist() == [[False, True, True, False, False, False, True, True, False]]
+    assert batch["targets"].tolist() == [7, 8, 10, 11]  # the first example's last token never predicts the second's first
+    assert batch["n_supervised"] == 4 and batch["n_tokens"] == 9
+
+
+def _random_examples(seed, shapes=((9, 3), (20, 6), (14, 1), (5, 2))):
+    g = torch.Generator().manual_seed(seed)
+    return [Encoded(ids := torch.randint(3, 300, (n,), generator=g).tolist(), [IGNORE] * (n - c) + ids[n - c:])
+            for n, c in shapes]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_packed_batch_equals_padded_batch_in_loss_and_gradients(tiny_model, tiny_gemma, family):
+    """Packing must not let examples attend to each other: loss and every gradient equal the padded batch's."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model if family == "llama" else tiny_gemma)
+    model.train()  # dropout is 0 in the tiny configs: train mode changes nothing but is what training runs in
+    exs = _random_examples(1)
+    results = []
+    for packed in (False, True):
+        model.zero_grad()
+        loss = completion_loss_sum(model, collate(exs, 0, packed=packed))
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (padded, g_padded), (packed, g_packed) = results
+    assert packed == pytest.approx(padded, rel=1e-5)
+    assert g_padded.keys() == g_packed.keys() and g_padded
+    for n in g_padded:
+        assert torch.allclose(g_packed[n], g_padded[n], rtol=1e-4, atol=1e-5), n
+    # and the check can fail: without the block-diagonal mask (one plain causal row) the loss differs
+    leaky = collate(exs, 0, packed=True)
+    leaky["position_ids"] = torch.arange(leaky["input_ids"].shape[1])[None]
+    with torch.no_grad():
+        assert completion_loss_sum(model, leaky).item() != pytest.approx(padded, rel=1e-3)
 
 
 def test_padded_batch_loss_equals_unpadded(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    torch.manual_seed(0)
-    exs = [Encoded(ids := torch.randint(3, 300, (n,)).tolist(), [IGNORE] * (n - c) + ids[n - c:]) for n, c in [(9, 3), (20, 6), (14, 1)]]
+    exs = _random_examples(0, ((9, 3), (20, 6), (14, 1)))
     with torch.no_grad():
         alone = sum(completion_loss_sum(model, collate([e], 0)).item() for e in exs)
         together = completion_loss_sum(model, collate(exs, 0)).item()

@@ -82,6 +82,8 @@ class TrainConfig(Strict):
     epochs: float = Field(2, gt=0)
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
+    packing: bool = Field(False, description="concatenate each micro-batch into one row with no padding (examples "
+                                             "never attend to each other); off: left-padded rows grouped by length")
     lr: float | None = Field(None, gt=0, description="default 1e-3 for LoRA, 5e-5 for full")
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)

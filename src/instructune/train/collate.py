@@ -1,4 +1,4 @@
-"""Batches for training: left padding, explicit positions, and the completion-only loss on kept logits."""
+"""Batches for training: exact loss positions, no padding compute (packing or left padding), completion-only loss."""
 
 from __future__ import annotations
 
@@ -13,29 +13,44 @@ from ..prompts.format import Encoded
 IGNORE = -100
 
 
-def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor | int]:
-    """Left-pad a batch so every completion ends at the last position.
+def collate(examples: list[Encoded], pad_id: int, packed: bool = False) -> dict[str, torch.Tensor | int]:
+    """A batch whose logits are computed only where a loss is taken.
 
-    Then the logits needed for the loss are the last `logits_to_keep` positions: the model skips the vocabulary
-    projection (the costliest layer of a small LM) for the whole prompt. Positions are given explicitly so a
+    `logits_to_keep` is a boolean mask of the positions whose next token is supervised: the model projects only
+    those hidden states onto the vocabulary (the costliest layer of a small LM, and most of its activation memory)
+    and returns them flattened, in the order of `targets`.
+
+    Packed (`packed=True`): all examples are concatenated into one row with no padding at all. Positions restart at
+    0 for each example and no attention mask is passed, so transformers builds a block-diagonal causal mask from the
+    positions: an example never attends to another one. Padded: rows are left-padded with explicit positions, so a
     padded row is computed exactly as it would be alone. Encoder-decoder examples go to `collate_seq2seq`."""
     if examples[0].seq2seq:
         return collate_seq2seq(examples, pad_id)
-    length = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, length - n:] = torch.tensor(e.input_ids)
-        labels[i, length - n:] = torch.tensor(e.labels)
-        mask[i, length - n:] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    labels[:, 0] = IGNORE  # nothing predicts the first token
-    supervised = (labels != IGNORE).sum(-1)
-    first = int(((labels != IGNORE).float().argmax(-1)).min())  # earliest supervised position in the batch
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels,
-            "logits_to_keep": length - first + 1, "n_supervised": int(supervised.sum())}
+    if packed:
+        ids = torch.tensor([[t for e in examples for t in e.input_ids]])
+        labels = torch.tensor([[lab for e in examples for lab in (IGNORE, *e.labels[1:])]])  # none predicts a first token
+        positions = torch.tensor([[p for e in examples for p in range(len(e.input_ids))]])
+        mask = None
+    else:
+        length = max(len(e.input_ids) for e in examples)
+        ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(examples), length), dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e.input_ids)
+            ids[i, length - n:] = torch.tensor(e.input_ids)
+            labels[i, length - n:] = torch.tensor(e.labels)
+            mask[i, length - n:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        labels[:, 0] = IGNORE  # nothing predicts the first token
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts token t + 1
+    batch = {"input_ids": ids, "position_ids": positions, "labels": labels, "logits_to_keep": keep,
+             "targets": labels[:, 1:][keep[:, :-1]], "n_supervised": int(keep.sum()),
+             "n_tokens": sum(len(e.input_ids) for e in examples)}
+    if mask is not None:
+        batch["attention_mask"] = mask
+    return batch
 
 
 def collate_seq2seq(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor | int]:
@@ -50,7 +65,7 @@ def collate_seq2seq(examples: list[Encoded], pad_id: int) -> dict[str, torch.Ten
         mask[i, length - len(e.input_ids):] = 1
         labels[i, :len(e.labels)] = torch.tensor(e.labels)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "seq2seq": True,
-            "n_supervised": int((labels != IGNORE).sum())}
+            "n_supervised": int((labels != IGNORE).sum()), "n_tokens": sum(len(e.input_ids) + len(e.labels) for e in examples)}
 
 
 def completion_loss_sum(model, batch: dict) -> torch.Tensor:
@@ -63,12 +78,9 @@ def completion_loss_sum(model, batch: dict) -> torch.Tensor:
                     decoder_input_ids=torch.cat([start, decoder_ids[:, :-1]], dim=1), use_cache=False)
         logits = out.logits.float()
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    keep = batch["logits_to_keep"]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=keep, use_cache=False)
-    logits = out.logits[:, :-1].float()
-    targets = batch["labels"][:, -keep + 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"], use_cache=False)
+    return F.cross_entropy(out.logits.float(), batch["targets"], reduction="sum")  # logits: (n_supervised, vocab)
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:

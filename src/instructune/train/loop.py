@@ -126,7 +126,7 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
             mine, weight = group[rank::world], float(world)  # DDP averages gradients over processes: undo it
             if not mine:  # a short last step: this process still joins the gradient all-reduce, with zero weight
                 mine, weight = group[:1], 0.0
-            micro = [_to(collate([train_set[i] for i in mine[j:j + cfg.batch_size]], pad_id), device)
+            micro = [_to(collate([train_set[i] for i in mine[j:j + cfg.batch_size]], pad_id, cfg.packing), device)
                      for j in range(0, len(mine), cfg.batch_size)]
             loss_value, step_tokens = 0.0, 0
             for j, m in enumerate(micro):
@@ -136,7 +136,7 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
                         loss = completion_loss_sum(ddp or model, m) * (weight / n_supervised)
                     loss.backward()
                 loss_value += loss.item() / world
-                step_tokens += int(m["attention_mask"].sum()) if weight else 0
+                step_tokens += m["n_tokens"] if weight else 0
             if world > 1:
                 totals = torch.tensor([loss_value, step_tokens], dtype=torch.float64)
                 torch.distributed.all_reduce(totals)
