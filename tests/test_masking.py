@@ -1,5 +1,7 @@
 """Completion-only loss: no prompt or padding token is trained, the end-of-sequence token is, padding changes nothing."""
 
+import contextlib
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -8,6 +10,7 @@ from instructune.errors import InstructuneError
 from instructune.prompts import Pair, PromptFormat
 from instructune.prompts.format import Encoded
 from instructune.train.collate import IGNORE, audit_masking, collate, completion_loss_sum, length_grouped_batches
+from instructune.train.loop import grouped_kv_heads
 
 
 def pair(prompt, completion):
@@ -62,23 +65,32 @@ def _random_examples(seed, shapes=((9, 3), (20, 6), (14, 1), (5, 2))):
             for n, c in shapes]
 
 
+def _loss_and_grads(model, batch, grouped_kv: bool):
+    model.zero_grad()
+    with grouped_kv_heads(torch.device("cpu")) if grouped_kv else contextlib.nullcontext():
+        loss = completion_loss_sum(model, batch)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_packed_batch_equals_padded_batch_in_loss_and_gradients(tiny_model, tiny_gemma, family):
-    """Packing must not let examples attend to each other: loss and every gradient equal the padded batch's."""
+    """Packing must not let examples attend to each other: loss and every gradient equal the padded batch's, and
+    equal those of each example alone; with transformers' own key/value head copies or with the grouped heads that
+    training uses on a CPU (both tiny models have fewer key/value heads than query heads)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model if family == "llama" else tiny_gemma)
     model.train()  # dropout is 0 in the tiny configs: train mode changes nothing but is what training runs in
     exs = _random_examples(1)
-    results = []
-    for packed in (False, True):
-        model.zero_grad()
-        loss = completion_loss_sum(model, collate(exs, 0, packed=packed))
-        loss.backward()
-        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (padded, g_padded), (packed, g_packed) = results
-    assert packed == pytest.approx(padded, rel=1e-5)
-    assert g_padded.keys() == g_packed.keys() and g_padded
-    for n in g_padded:
-        assert torch.allclose(g_packed[n], g_padded[n], rtol=1e-4, atol=1e-5), n
+    reference = _loss_and_grads(model, collate(exs, 0), grouped_kv=False)
+    alone = [_loss_and_grads(model, collate([e], 0), grouped_kv=False) for e in exs]
+    alone = (sum(a[0] for a in alone), {n: sum(a[1][n] for a in alone) for n in reference[1]})
+    for packed, grouped_kv in ((False, True), (True, False), (True, True), (None, False)):
+        loss, grads = alone if packed is None else _loss_and_grads(model, collate(exs, 0, packed=packed), grouped_kv)
+        assert loss == pytest.approx(reference[0], rel=1e-5)
+        assert grads.keys() == reference[1].keys() and grads
+        for n in grads:
+            assert torch.allclose(grads[n], reference[1][n], rtol=1e-4, atol=1e-5), (packed, grouped_kv, n)
+    padded = reference[0]
     # and the check can fail: without the block-diagonal mask (one plain causal row) the loss differs
     leaky = collate(exs, 0, packed=True)
     leaky["position_ids"] = torch.arange(leaky["input_ids"].shape[1])[None]
@@ -156,3 +168,16 @@ def test_seq2seq_loss_matches_the_models_own_and_trains_eos(tiny_t5):
         ours = completion_loss_sum(model, batch) / batch["n_supervised"]
         theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     assert torch.allclose(ours, theirs, rtol=1e-5)
+
+
+def test_grouped_kv_heads_switches_transformers_sdpa_on_cpu_only_and_restores_it(monkeypatch):
+    from transformers.integrations.sdpa_attention import use_gqa_in_sdpa
+
+    monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
+    mask, kv = torch.ones(1, 1, 4, 4, dtype=torch.bool), torch.zeros(1, 1, 4, 8)
+    assert not use_gqa_in_sdpa(mask, kv, kv)  # with a mask, transformers copies the heads (repeat_kv)
+    with grouped_kv_heads(torch.device("cpu")):
+        assert use_gqa_in_sdpa(mask, kv, kv)
+    assert not use_gqa_in_sdpa(mask, kv, kv)
+    with grouped_kv_heads(torch.device("meta")):  # not a CPU: transformers' choice stands
+        assert not use_gqa_in_sdpa(mask, kv, kv)
