@@ -117,7 +117,7 @@ def run_trl(args, cfg, prep, encoded) -> dict:
     out = Path(os.environ.get("TMPDIR", "/tmp")) / "instructune-train-vs-trl"
     sft = trl.SFTConfig(
         output_dir=str(out), completion_only_loss=True, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
-        max_steps=args.steps, num_train_epochs=1, learning_rate=LR, lr_scheduler_type="linear",
+        max_steps=steps_for(args), num_train_epochs=1, learning_rate=LR, lr_scheduler_type="linear",
         warmup_steps=args.warmup_steps, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
         logging_steps=1, report_to=[], save_strategy="no", bf16=bf16(args), fp16=False, use_cpu=True,
         dataloader_num_workers=0, seed=0, max_length=MAX_LENGTH, packing=False,

@@ -120,3 +120,11 @@ def test_not_yaml(tmp_path):
     config.write_text("name: x\ntasks: [\n  - oops: {\n")
     code, out = run_cli("run", config)
     assert code == 2 and "config.yaml:" in out and "YAML" in out
+
+
+@pytest.mark.parametrize("key", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_an_accelerate_launch_configured_for_sharding_is_refused(tmp_path, tiny_model, monkeypatch, key):
+    monkeypatch.setenv(key, "true")  # what `accelerate launch` sets for an FSDP / DeepSpeed config
+    out = fails_cleanly(tmp_path, tiny_config(tmp_path, tiny_model), key, "not supported", "--multi_gpu")
+    code, out = run_cli("train", write_config(tmp_path, tiny_config(tmp_path, tiny_model)))
+    assert code == 2 and key in out and not (tmp_path / "run").exists()

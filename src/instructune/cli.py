@@ -52,7 +52,9 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
         resume: bool = typer.Option(False, help=RESUME_HELP)):
     """Everything: data → base-model baselines → fine-tuning → evaluation → report."""
     from .experiment import run as run_experiment
+    from .train.loop import check_launcher
 
+    check_launcher()
     cfg = _config(config, set_)
     results = run_experiment(cfg, resume)
     _summary(results, cfg.run_dir())
@@ -75,7 +77,9 @@ def train(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", 
           resume: bool = typer.Option(False, help=RESUME_HELP)):
     """Fine-tune on the training split (writes model/ with the adapter or weights, tokenizer and manifest)."""
     from .experiment import prepare, run_train, start_run
+    from .train.loop import check_launcher
 
+    check_launcher()
     cfg = _config(config, set_)
     prep = prepare(cfg)
     out = run_train(prep, start_run(cfg, prep), resume)

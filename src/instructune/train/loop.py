@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
+from ..errors import InstructuneError
 from ..prompts.format import Encoded
 from .collate import collate, completion_loss_sum, length_grouped_batches
 
@@ -216,12 +217,24 @@ def _train(model, train_set, val_set, cfg, pad_id, seed, log_path, checkpoint_di
     return log
 
 
+def check_launcher() -> None:
+    """Refuse an `accelerate launch` configured for FSDP or DeepSpeed: the loop replicates the model (DDP) and would
+    otherwise ignore the sharding the user asked for."""
+    import os
+
+    for key, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(key, "").lower() in ("true", "1"):
+            raise InstructuneError(f"{name} is not supported: instructune trains with DDP (one whole model per process); "
+                                   "launch with `accelerate launch --multi_gpu` or `torchrun` instead", f"{key}={os.environ[key]}")
+
+
 def distributed() -> tuple[int, int]:
     """(process index, process count). Under `accelerate launch --multi_gpu` or `torchrun` (which set WORLD_SIZE,
     RANK and the rendezvous address) the process group is created here: NCCL on GPUs, gloo on CPUs. A plain run is
     process 0 of 1."""
     import os
 
+    check_launcher()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
