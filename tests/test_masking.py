@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from instructune.errors import InstructuneError
 from instructune.prompts import Pair, PromptFormat
 from instructune.prompts.format import Encoded
-from instructune.train.collate import IGNORE, audit_masking, collate, completion_loss_sum, length_grouped_batches
+from instructune.train.collate import (IGNORE, attention_window, audit_masking, collate, completion_loss_sum,
+                                       length_grouped_batches)
 from instructune.train.loop import grouped_kv_heads
 
 
@@ -181,3 +182,36 @@ def test_grouped_kv_heads_switches_transformers_sdpa_on_cpu_only_and_restores_it
     assert not use_gqa_in_sdpa(mask, kv, kv)
     with grouped_kv_heads(torch.device("meta")):  # not a CPU: transformers' choice stands
         assert not use_gqa_in_sdpa(mask, kv, kv)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_shared_prefix_computed_once_equals_the_padded_batch(tiny_model, tiny_gemma, family):
+    """A prefix all examples share is run once and attended to by every row: loss and gradients as if each example
+    had been computed in full. The tiny Gemma's sliding window (8) is widened to cover prefix + row, as Gemma 3's 512
+    does for short examples; a window shorter than that turns sharing off."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model if family == "llama" else tiny_gemma,
+                                                 **({} if family == "llama" else {"sliding_window": 40})).train()
+    common = _random_examples(2, ((12, 0),))[0].input_ids
+    exs = [Encoded(common + e.input_ids, [IGNORE] * 12 + e.labels) for e in _random_examples(3)]
+    shared = collate(exs, 0, min_shared=8)
+    assert shared["prefix_ids"].tolist() == [common] and shared["input_ids"].shape[1] == 20
+    assert shared["n_supervised"] == sum(e.n_supervised for e in exs) and shared["n_tokens"] == sum(len(e.input_ids) for e in exs)
+    assert "prefix_ids" not in collate(exs, 0, min_shared=13)  # shorter than asked for: plain padded rows
+    assert "prefix_ids" not in collate(exs, 0, min_shared=8, window=32)  # prefix + row would reach the window
+    assert "prefix_ids" in collate(exs, 0, min_shared=8, window=attention_window(model))
+    reference = _loss_and_grads(model, collate(exs, 0), grouped_kv=False)
+    for grouped_kv in (False, True):
+        loss, grads = _loss_and_grads(model, shared, grouped_kv)
+        assert loss == pytest.approx(reference[0], rel=1e-5)
+        assert grads.keys() == reference[1].keys()
+        for n in grads:
+            assert torch.allclose(grads[n], reference[1][n], rtol=1e-4, atol=1e-5), (grouped_kv, n)
+
+
+def test_shared_prefix_stops_before_any_trained_prediction():
+    from instructune.train.collate import shared_prefix_length
+
+    a = Encoded([1, 2, 3, 4, 5], [IGNORE, IGNORE, IGNORE, 4, 5])  # position 2 predicts the first trained token
+    b = Encoded([1, 2, 3, 4, 6, 7], [IGNORE] * 4 + [6, 7])
+    assert shared_prefix_length([a, b]) == 2 and shared_prefix_length([a]) == 0
+    assert shared_prefix_length([b, Encoded([9, 2], [IGNORE, 2])]) == 0

@@ -84,6 +84,8 @@ class TrainConfig(Strict):
     grad_accum: int = Field(1, gt=0)
     packing: bool = Field(False, description="concatenate each micro-batch into one row with no padding (examples "
                                              "never attend to each other); off: left-padded rows grouped by length")
+    share_prefix: int = Field(16, ge=0, description="when all examples of a micro-batch begin with at least this many "
+                              "identical tokens (system prompt, instruction), compute them once per micro-batch; 0: off")
     lr: float | None = Field(None, gt=0, description="default 1e-3 for LoRA, 5e-5 for full")
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)

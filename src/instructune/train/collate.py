@@ -13,7 +13,20 @@ from ..prompts.format import Encoded
 IGNORE = -100
 
 
-def collate(examples: list[Encoded], pad_id: int, packed: bool = False) -> dict[str, torch.Tensor | int]:
+def shared_prefix_length(examples: list[Encoded]) -> int:
+    """Tokens that every example begins with (system prompt, instruction), ending before any position whose
+    prediction is trained, so each example keeps every logit it needs in its own part."""
+    if len(examples) < 2:
+        return 0
+    first, limit = examples[0].input_ids, min(next(i for i, t in enumerate(e.labels) if t != IGNORE) - 1 for e in examples)
+    n = 0
+    while n < limit and all(e.input_ids[n] == first[n] for e in examples):
+        n += 1
+    return n
+
+
+def collate(examples: list[Encoded], pad_id: int, packed: bool = False, min_shared: int = 0,
+            window: int | None = None) -> dict[str, torch.Tensor | int]:
     """A batch whose logits are computed only where a loss is taken.
 
     `logits_to_keep` is a boolean mask of the positions whose next token is supervised: the model projects only
@@ -23,9 +36,26 @@ def collate(examples: list[Encoded], pad_id: int, packed: bool = False) -> dict[
     Packed (`packed=True`): all examples are concatenated into one row with no padding at all. Positions restart at
     0 for each example and no attention mask is passed, so transformers builds a block-diagonal causal mask from the
     positions: an example never attends to another one. Padded: rows are left-padded with explicit positions, so a
-    padded row is computed exactly as it would be alone. Encoder-decoder examples go to `collate_seq2seq`."""
+    padded row is computed exactly as it would be alone. Encoder-decoder examples go to `collate_seq2seq`.
+
+    Shared prefix (`min_shared > 0`, not packed): when all examples begin with the same `min_shared` tokens or more
+    (a system prompt, an instruction), those are returned once as `prefix_ids` and the rows hold only each example's
+    own tokens; `completion_loss_sum` runs the prefix once, and every row attends to its keys and values (so the
+    gradients of all examples flow back into the one prefix computation). Same loss and gradients, fewer tokens.
+    Not when prefix + row reach the model's shortest sliding window (`window`): the padding between the prefix and
+    a row's own tokens would shift which keys such a window covers."""
     if examples[0].seq2seq:
         return collate_seq2seq(examples, pad_id)
+    prefix = shared_prefix_length(examples) if min_shared and not packed else 0
+    width = max(len(e.input_ids) for e in examples) - prefix
+    if prefix >= min_shared > 0 and (window is None or prefix + width < window):
+        batch = collate([Encoded(e.input_ids[prefix:], e.labels[prefix:], e.where) for e in examples], pad_id)
+        n = batch["input_ids"].shape[0]
+        batch["prefix_ids"] = torch.tensor([examples[0].input_ids[:prefix]])
+        batch["attention_mask"] = torch.cat([torch.ones((n, prefix), dtype=torch.long), batch["attention_mask"]], dim=1)
+        batch["position_ids"] = batch["position_ids"] + prefix
+        batch["n_tokens"] += prefix * n  # the examples' tokens, as if each had been computed alone
+        return batch
     if packed:
         ids = torch.tensor([[t for e in examples for t in e.input_ids]])
         labels = torch.tensor([[lab for e in examples for lab in (IGNORE, *e.labels[1:])]])  # none predicts a first token
@@ -68,6 +98,13 @@ def collate_seq2seq(examples: list[Encoded], pad_id: int) -> dict[str, torch.Ten
             "n_supervised": int((labels != IGNORE).sum()), "n_tokens": sum(len(e.input_ids) + len(e.labels) for e in examples)}
 
 
+def attention_window(model) -> int | None:
+    """The shortest sliding window or attention chunk of a model's layers (None: every layer sees everything)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    windows = [w for w in (getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None)) if w]
+    return min(windows) if windows else None
+
+
 def completion_loss_sum(model, batch: dict) -> torch.Tensor:
     """Summed cross-entropy over completion tokens (divide by the supervised count of the whole optimizer step)."""
     if batch.get("seq2seq"):
@@ -78,8 +115,20 @@ def completion_loss_sum(model, batch: dict) -> torch.Tensor:
                     decoder_input_ids=torch.cat([start, decoder_ids[:, :-1]], dim=1), use_cache=False)
         logits = out.logits.float()
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    cache = {}
+    if "prefix_ids" in batch:  # the shared prefix once, its keys and values repeated for every row (differentiably)
+        from ..evaluate.likelihood import _cache_kwarg, _cache_of
+
+        # under DDP the prefix runs on the wrapped module: its gradient joins the same backward pass, and DDP's
+        # per-parameter hooks fire once the contributions of both passes are summed
+        inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        kwarg = _cache_kwarg(inner)
+        shared = _cache_of(inner(input_ids=batch["prefix_ids"], use_cache=True, logits_to_keep=1))
+        shared.batch_repeat_interleave(batch["input_ids"].shape[0])
+        cache = {kwarg: shared, "use_cache": True}
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"], use_cache=False)
+                position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"],
+                **(cache or {"use_cache": False}))
     return F.cross_entropy(out.logits.float(), batch["targets"], reduction="sum")  # logits: (n_supervised, vocab)
 
 
