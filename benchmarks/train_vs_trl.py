@@ -80,7 +80,7 @@ def step_order(encoded) -> list[int]:
 def run_instructune(args, cfg, prep, encoded) -> dict:
     import torch
 
-    from instructune.models import load_model, wrap_lora
+    from instructune.experiment import training_model
     from instructune.train.loop import train
 
     torch.manual_seed(0)
@@ -91,7 +91,7 @@ def run_instructune(args, cfg, prep, encoded) -> dict:
         # int(steps * ratio) == warmup_steps; the epsilon guards against float rounding down
         "warmup_ratio": (args.warmup_steps / args.steps + 1e-9) if args.warmup_steps else 0.0,
     })
-    model = wrap_lora(load_model(prep.model_source, cfg.model), tcfg.lora)
+    model = training_model(prep.model_source, cfg.model, tcfg)
     log = train(model, encoded, [], tcfg, prep.tokenizer.pad_token_id, seed=0)
     elapsed = [e["tokens"] / e["tokens_per_s"] for e in log]
     return {"losses": [e["loss"] for e in log], "tokens": [e["tokens"] for e in log], "elapsed": elapsed}

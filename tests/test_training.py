@@ -137,3 +137,29 @@ def test_metric_validation_early_stopping_and_best_weights(tmp_path, tiny_model)
     final = model.state_dict()
     assert all(torch.equal(final[k], snapshots[best][k]) for k in final)
     assert best == len(log) - 1 or not all(torch.equal(final[k], snapshots[-1][k]) for k in final)
+
+
+def test_bf16_lora_keeps_frozen_weights_bf16_and_the_adapter_fp32(tmp_path, tiny_model):
+    from safetensors.torch import load_file
+
+    from conftest import tiny_config, write_config
+    from instructune.experiment import training_model
+
+    cfg = ExperimentConfig.model_validate(tiny_config(tmp_path, tiny_model, ("classification",), n_train=16,
+                                                      method="lora", batch_size=4, epochs=2, bf16=True, lr=1e-2))
+    prep = prepare(cfg)
+    examples = [prep.tasks[0].fmt.encode(p, 256) for p in prep.tasks[0].pairs["train"]]
+    model = training_model(prep.model_source, cfg.model, cfg.train)
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad}
+    assert trained and set(trained.values()) == {torch.float32}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}
+    log = train(model, examples, examples[:4], cfg.train, prep.tokenizer.pad_token_id, cfg.seed)
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in log) and log[-1]["loss"] < log[0]["loss"]
+    # the whole pipeline with it: the saved adapter is fp32 and evaluates
+    raw = tiny_config(tmp_path / "run2", tiny_model, ("classification",), n_train=16, bf16=True, eval_metric=True)
+    result = subprocess.run([sys.executable, "-m", "instructune.cli", "run", str(write_config(tmp_path, raw, "bf16.yaml"))],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapter = load_file(str(tmp_path / "run2" / "run" / "model" / "adapter_model.safetensors"))
+    assert adapter and {t.dtype for t in adapter.values()} == {torch.float32}

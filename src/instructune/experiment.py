@@ -209,6 +209,25 @@ def perplexity(model, fmt: PromptFormat, pairs: list[Pair], cfg: ExperimentConfi
 
 
 # -- fine-tuning ----------------------------------------------------------------------------------------------------
+def training_model(source: str, model_cfg, train_cfg):
+    """The model to fine-tune, on the training device: LoRA-wrapped, or whole for full fine-tuning.
+
+    LoRA under `train.bf16` keeps the frozen weights in bf16: half the memory, and autocast need not cast every
+    weight at every pass (on a CPU that cast costs more than the bf16 matmuls save). The adapter, its gradients and
+    its optimizer state stay fp32. Full fine-tuning keeps fp32 weights under bf16 autocast."""
+    import torch
+
+    frozen_bf16 = train_cfg.bf16 and train_cfg.method == "lora"
+    model = load_model(source, model_cfg, torch.bfloat16 if frozen_bf16 else None)
+    if train_cfg.method == "lora":
+        model = wrap_lora(model, train_cfg.lora)
+        if frozen_bf16:
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+    return model.to(_device())
+
+
 def run_train(prep: Prepared, run_dir: Path, resume: bool = False) -> Path:
     import torch
 
@@ -217,10 +236,7 @@ def run_train(prep: Prepared, run_dir: Path, resume: bool = False) -> Path:
 
     cfg = prep.cfg
     torch.manual_seed(cfg.seed)
-    model = load_model(prep.model_source, cfg.model)  # a fresh copy: the baseline's model is never touched
-    if cfg.train.method == "lora":
-        model = wrap_lora(model, cfg.train.lora)
-    model.to(_device())
+    model = training_model(prep.model_source, cfg.model, cfg.train)  # a fresh copy: the baseline's is never touched
     trainable, total = count_parameters(model)
     _say(f"{cfg.train.method}: {trainable:,} of {total:,} weights trainable ({100 * trainable / total:.2f} %)")
     train_set, val_set = [], []

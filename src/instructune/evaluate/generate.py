@@ -1,6 +1,11 @@
-"""Greedy generation in length-sorted, left-padded batches with a KV cache; outputs come back in input order."""
+"""Greedy generation in length-sorted, left-padded batches with a KV cache; outputs come back in input order.
+
+The token prefix that all prompts share (system prompt, instruction) is computed once and its KV cache reused by
+every batch; each batch then computes only its prompts' own tokens (padding sits between the prefix and them)."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from tqdm.auto import tqdm
@@ -11,7 +16,9 @@ from ..train.loop import autocast
 
 @torch.no_grad()
 def generate(model, fmt: PromptFormat, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
-             desc: str = "generating", bf16: bool = False) -> list[str]:
+             desc: str = "generating", bf16: bool = False, share_prefix: bool = True) -> list[str]:
+    from .likelihood import _cache_of, _common_prefix, _window_fits
+
     tok = fmt.tok
     encoded = [fmt.encode_prompt(p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first: memory peaks early
@@ -20,18 +27,32 @@ def generate(model, fmt: PromptFormat, prompts: list[str], max_new_tokens: int, 
     end_ids = sorted(fmt.end_ids())
     was_training = model.training
     model.eval()
+    prefix, prefix_cache = 0, None
+    if (share_prefix and len(prompts) > 1 and not model.config.is_encoder_decoder
+            and _window_fits(model, max(map(len, encoded)) + max_new_tokens)):
+        prefix = _common_prefix(encoded)
+        if prefix:
+            with autocast(bf16, device):
+                prefix_cache = _cache_of(model(input_ids=torch.tensor([encoded[0][:prefix]], device=device),
+                                               use_cache=True, logits_to_keep=1))
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", dynamic_ncols=True, leave=False):
         idx = order[start:start + batch_size]
         length = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), length), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for row, i in enumerate(idx):
-            ids[row, length - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, length - len(encoded[i]):] = 1
+        ids[:, :prefix] = torch.tensor(encoded[idx[0]][:prefix])
+        mask[:, :prefix] = 1
+        for row, i in enumerate(idx):  # left padding, between the shared prefix and each prompt's own tokens
+            ids[row, length - len(encoded[i]) + prefix:] = torch.tensor(encoded[i][prefix:])
+            mask[row, length - len(encoded[i]) + prefix:] = 1
+        cache = {}
+        if prefix_cache is not None:
+            cache = {"past_key_values": copy.deepcopy(prefix_cache)}
+            cache["past_key_values"].batch_repeat_interleave(len(idx))
         with autocast(bf16, device):
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=end_ids, pad_token_id=tok.pad_token_id,
-                                 temperature=None, top_p=None, top_k=None)
+                                 temperature=None, top_p=None, top_k=None, **cache)
         start = 0 if model.config.is_encoder_decoder else length  # a decoder-only output repeats its prompt
         for row, i in enumerate(idx):
             outputs[i] = fmt.clean_generation(tok.decode(out[row, start:], skip_special_tokens=True))
