@@ -123,7 +123,8 @@ def completion_loss_sum(model, batch: dict) -> torch.Tensor:
         # per-parameter hooks fire once the contributions of both passes are summed
         inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
         kwarg = _cache_kwarg(inner)
-        shared = _cache_of(inner(input_ids=batch["prefix_ids"], use_cache=True, logits_to_keep=1))
+        no_logits = torch.zeros_like(batch["prefix_ids"], dtype=torch.bool)  # the prefix predicts nothing trained
+        shared = _cache_of(inner(input_ids=batch["prefix_ids"], use_cache=True, logits_to_keep=no_logits))
         shared.batch_repeat_interleave(batch["input_ids"].shape[0])
         cache = {kwarg: shared, "use_cache": True}
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
