@@ -11,12 +11,17 @@ import torch
 from tqdm.auto import tqdm
 
 from ..prompts.format import PromptFormat
-from ..train.loop import autocast
+from ..train.loop import autocast, grouped_kv_heads
 
 
 @torch.no_grad()
 def generate(model, fmt: PromptFormat, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
              desc: str = "generating", bf16: bool = False, share_prefix: bool = True) -> list[str]:
+    with grouped_kv_heads(next(model.parameters()).device):
+        return _generate(model, fmt, prompts, max_new_tokens, batch_size, desc, bf16, share_prefix)
+
+
+def _generate(model, fmt, prompts, max_new_tokens, batch_size, desc, bf16, share_prefix) -> list[str]:
     from .likelihood import _cache_of, _common_prefix, _window_fits
 
     tok = fmt.tok

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..prompts.format import PromptFormat
 from ..prompts.template import Pair
-from ..train.loop import autocast
+from ..train.loop import autocast, grouped_kv_heads
 
 IGNORE = -100
 # Ceiling on the logits of one choice pass (float32 elements, 256 MiB): many long choices are split into groups.
@@ -91,17 +91,27 @@ def choice_logprobs(model, fmt: PromptFormat, prompts: list[str], choices: list[
     was_training = model.training
     model.eval()
     try:
+        scores = _choice_logprobs(model, encoded, comps, pad_id, device, batch_size, bf16, share_prefix, desc)
+    finally:
+        model.train(was_training)
+    if length_normalized:
+        scores = scores / torch.tensor([len(c) for c in comps], dtype=scores.dtype)
+    return scores
+
+
+def _choice_logprobs(model, encoded, comps, pad_id, device, batch_size, bf16, share_prefix, desc) -> torch.Tensor:
+    with grouped_kv_heads(device):
         prefix_len, prefix_cache = 0, None
         longest = max(len(e) for e in encoded) + max(len(c) for c in comps)
-        if share_prefix and len(prompts) > 1 and _window_fits(model, longest):
+        if share_prefix and len(encoded) > 1 and _window_fits(model, longest):
             prefix_len = _common_prefix(encoded)
             if prefix_len:
                 with autocast(bf16, device):
                     prefix_cache = _cache_of(model(input_ids=torch.tensor([encoded[0][:prefix_len]], device=device),
                                                    use_cache=True, logits_to_keep=1))
 
-        scores = torch.zeros((len(prompts), len(choices)))
-        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first: memory peaks early
+        scores = torch.zeros((len(encoded), len(comps)))
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first: memory peaks early
         for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", dynamic_ncols=True, leave=False):
             idx = order[start:start + batch_size]
             cache = None
@@ -110,10 +120,6 @@ def choice_logprobs(model, fmt: PromptFormat, prompts: list[str], choices: list[
                 cache.batch_repeat_interleave(len(idx))
             scores[idx] = _score_batch(model, [encoded[i][prefix_len:] for i in idx], prefix_len, cache, comps,
                                        pad_id, device, bf16)
-    finally:
-        model.train(was_training)
-    if length_normalized:
-        scores = scores / torch.tensor([len(c) for c in comps], dtype=scores.dtype)
     return scores
 
 
