@@ -18,7 +18,8 @@ def shared_prefix_length(examples: list[Encoded]) -> int:
     prediction is trained, so each example keeps every logit it needs in its own part."""
     if len(examples) < 2:
         return 0
-    first, limit = examples[0].input_ids, min(next(i for i, t in enumerate(e.labels) if t != IGNORE) - 1 for e in examples)
+    limit = min(next((i for i, t in enumerate(e.labels) if t != IGNORE), len(e.labels)) - 1 for e in examples)
+    first = examples[0].input_ids
     n = 0
     while n < limit and all(e.input_ids[n] == first[n] for e in examples):
         n += 1
