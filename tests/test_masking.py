@@ -184,28 +184,40 @@ def test_grouped_kv_heads_switches_transformers_sdpa_on_cpu_only_and_restores_it
         assert not use_gqa_in_sdpa(mask, kv, kv)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_shared_prefix_computed_once_equals_the_padded_batch(tiny_model, tiny_gemma, family):
-    """A prefix all examples share is run once and attended to by every row: loss and gradients as if each example
-    had been computed in full. The tiny Gemma's sliding window (8) is widened to cover prefix + row, as Gemma 3's 512
-    does for short examples; a window shorter than that turns sharing off."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model if family == "llama" else tiny_gemma,
-                                                 **({} if family == "llama" else {"sliding_window": 40})).train()
+def test_shared_prefix_computed_once_equals_the_padded_batch(tiny_model, tiny_gemma, family, attention):
+    """A prefix all examples share is computed once, in one fused pass (one row, 4-D mask) or in two (prefix with a
+    KV cache, then padded rows): loss and gradients as if each example had been computed in full. The tiny Gemma's
+    sliding window (8) is widened to cover the row, as Gemma 3's 512 does for short examples; a window shorter than
+    the fused row falls back to two passes, and one shorter than prefix + row turns sharing off."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model if family == "llama" else tiny_gemma, attn_implementation=attention,
+                                                 **({} if family == "llama" else {"sliding_window": 128})).train()
+    from instructune.train.collate import takes_4d_mask
+
+    assert takes_4d_mask(model)
     common = _random_examples(2, ((12, 0),))[0].input_ids
     exs = [Encoded(common + e.input_ids, [IGNORE] * 12 + e.labels) for e in _random_examples(3)]
-    shared = collate(exs, 0, min_shared=8)
-    assert shared["prefix_ids"].tolist() == [common] and shared["input_ids"].shape[1] == 20
-    assert shared["n_supervised"] == sum(e.n_supervised for e in exs) and shared["n_tokens"] == sum(len(e.input_ids) for e in exs)
+    two_pass = collate(exs, 0, min_shared=8)
+    fused = collate(exs, 0, min_shared=8, window=attention_window(model), fused=True)
+    assert two_pass["prefix_ids"].tolist() == [common] and two_pass["input_ids"].shape[1] == 20
+    assert fused["input_ids"].shape == (1, 12 + 48) and fused["attention_mask"].shape == (1, 1, 60, 60)
+    for b in (two_pass, fused):
+        assert b["n_supervised"] == sum(e.n_supervised for e in exs) and b["n_tokens"] == sum(len(e.input_ids) for e in exs)
     assert "prefix_ids" not in collate(exs, 0, min_shared=13)  # shorter than asked for: plain padded rows
+    assert "prefix_ids" in collate(exs, 0, min_shared=8, window=40, fused=True)  # fused row too long: two passes
     assert "prefix_ids" not in collate(exs, 0, min_shared=8, window=32)  # prefix + row would reach the window
-    assert "prefix_ids" in collate(exs, 0, min_shared=8, window=attention_window(model))
     reference = _loss_and_grads(model, collate(exs, 0), grouped_kv=False)
-    for grouped_kv in (False, True):
-        loss, grads = _loss_and_grads(model, shared, grouped_kv)
+    for batch, grouped_kv in ((two_pass, False), (two_pass, True), (fused, False), (fused, True)):
+        loss, grads = _loss_and_grads(model, batch, grouped_kv)
         assert loss == pytest.approx(reference[0], rel=1e-5)
         assert grads.keys() == reference[1].keys()
         for n in grads:
             assert torch.allclose(grads[n], reference[1][n], rtol=1e-4, atol=1e-5), (grouped_kv, n)
+    # the fused mask is what keeps examples apart: without it the loss differs by far more than the tolerance above
+    leaky = dict(fused, attention_mask=torch.ones_like(fused["attention_mask"]).tril())
+    with torch.no_grad():
+        assert completion_loss_sum(model, leaky).item() != pytest.approx(reference[0], rel=1e-4)
 
 
 def test_shared_prefix_stops_before_any_trained_prediction():

@@ -11,6 +11,9 @@ from ..errors import InstructuneError
 from ..prompts.format import Encoded
 
 IGNORE = -100
+# Longest fused shared-prefix row: its attention is computed densely over the whole row (T x T), which on a CPU cost
+# about as much as it saves at ~470 tokens (packing SmolLM2 UCI batches) and is cheap below ~250.
+FUSED_MAX = 256
 
 
 def shared_prefix_length(examples: list[Encoded]) -> int:
@@ -27,7 +30,7 @@ def shared_prefix_length(examples: list[Encoded]) -> int:
 
 
 def collate(examples: list[Encoded], pad_id: int, packed: bool = False, min_shared: int = 0,
-            window: int | None = None) -> dict[str, torch.Tensor | int]:
+            window: int | None = None, fused: bool = False) -> dict[str, torch.Tensor | int]:
     """A batch whose logits are computed only where a loss is taken.
 
     `logits_to_keep` is a boolean mask of the positions whose next token is supervised: the model projects only
@@ -43,12 +46,17 @@ def collate(examples: list[Encoded], pad_id: int, packed: bool = False, min_shar
     (a system prompt, an instruction), those are returned once as `prefix_ids` and the rows hold only each example's
     own tokens; `completion_loss_sum` runs the prefix once, and every row attends to its keys and values (so the
     gradients of all examples flow back into the one prefix computation). Same loss and gradients, fewer tokens.
-    Not when prefix + row reach the model's shortest sliding window (`window`): the padding between the prefix and
-    a row's own tokens would shift which keys such a window covers."""
+    With `fused` (for models whose attention takes a hand-made mask: sdpa, eager) and rows of up to `FUSED_MAX`
+    tokens it is one pass over one row, prefix then each example's own tokens, no padding, and a 4-D mask that lets
+    each example see the prefix and its own earlier tokens only; else two passes (the prefix with a KV cache, then the padded rows). Neither when the
+    sequence reaches the model's shortest sliding window (`window`): a window would then cover other keys."""
     if examples[0].seq2seq:
         return collate_seq2seq(examples, pad_id)
     prefix = shared_prefix_length(examples) if min_shared and not packed else 0
     width = max(len(e.input_ids) for e in examples) - prefix
+    total = prefix + sum(len(e.input_ids) - prefix for e in examples)
+    if prefix >= min_shared > 0 and fused and total <= FUSED_MAX and (window is None or total < window):
+        return _collate_fused(examples, prefix)
     if prefix >= min_shared > 0 and (window is None or prefix + width < window):
         batch = collate([Encoded(e.input_ids[prefix:], e.labels[prefix:], e.where) for e in examples], pad_id)
         n = batch["input_ids"].shape[0]
@@ -84,6 +92,31 @@ def collate(examples: list[Encoded], pad_id: int, packed: bool = False, min_shar
     return batch
 
 
+def _collate_fused(examples: list[Encoded], prefix: int) -> dict[str, torch.Tensor | int]:
+    """One row: the shared prefix, then each example's own tokens; a 4-D mask keeps the examples apart."""
+    ids, positions, labels = list(examples[0].input_ids[:prefix]), list(range(prefix)), [IGNORE] * prefix
+    blocks = []
+    for e in examples:
+        start, own = len(ids), e.input_ids[prefix:]
+        ids += own
+        positions += range(prefix, prefix + len(own))
+        labels += e.labels[prefix:]
+        blocks.append((start, len(ids)))
+    allowed = torch.zeros((len(ids), len(ids)), dtype=torch.bool)
+    allowed[:prefix, :prefix] = torch.ones((prefix, prefix), dtype=torch.bool).tril()
+    for start, end in blocks:
+        allowed[start:end, :prefix] = True
+        allowed[start:end, start:end] = torch.ones((end - start, end - start), dtype=torch.bool).tril()
+    labels = torch.tensor([labels])
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    for start, _ in blocks:  # a block's first token is never trained (prefix < first trained prediction); be sure
+        keep[0, start - 1] = False
+    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]), "labels": labels,
+            "attention_mask": allowed[None, None], "logits_to_keep": keep, "targets": labels[:, 1:][keep[:, :-1]],
+            "n_supervised": int(keep.sum()), "n_tokens": sum(len(e.input_ids) for e in examples)}
+
+
 def collate_seq2seq(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor | int]:
     """Encoder prompts padded on the left (as for generation), decoder targets padded on the right with IGNORE."""
     length = max(len(e.input_ids) for e in examples)
@@ -99,9 +132,21 @@ def collate_seq2seq(examples: list[Encoded], pad_id: int) -> dict[str, torch.Ten
             "n_supervised": int((labels != IGNORE).sum()), "n_tokens": sum(len(e.input_ids) + len(e.labels) for e in examples)}
 
 
+def _config(model):
+    model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def takes_4d_mask(model) -> bool:
+    """Whether the model applies a hand-made 4-D attention mask as given (sdpa, eager; attention layers only)."""
+    from ..evaluate.likelihood import _fusable
+
+    return _fusable(model, 0)
+
+
 def attention_window(model) -> int | None:
     """The shortest sliding window or attention chunk of a model's layers (None: every layer sees everything)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = _config(model)
     windows = [w for w in (getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None)) if w]
     return min(windows) if windows else None
 
@@ -128,7 +173,10 @@ def completion_loss_sum(model, batch: dict) -> torch.Tensor:
         shared = _cache_of(inner(input_ids=batch["prefix_ids"], use_cache=True, logits_to_keep=no_logits))
         shared.batch_repeat_interleave(batch["input_ids"].shape[0])
         cache = {kwarg: shared, "use_cache": True}
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 4 and _config(model)._attn_implementation == "eager":
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    out = model(input_ids=batch["input_ids"], attention_mask=mask,
                 position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"],
                 **(cache or {"use_cache": False}))
     return F.cross_entropy(out.logits.float(), batch["targets"], reduction="sum")  # logits: (n_supervised, vocab)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..errors import InstructuneError
 from ..prompts.format import Encoded
-from .collate import attention_window, collate, completion_loss_sum, length_grouped_batches
+from .collate import attention_window, collate, completion_loss_sum, length_grouped_batches, takes_4d_mask
 
 
 def autocast(bf16: bool, device: torch.device):
@@ -99,7 +99,7 @@ def _train(model, train_set, val_set, cfg, pad_id, seed, log_path, checkpoint_di
         log_path = None  # one log, one progress bar, one checkpoint: process 0's
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    window = attention_window(model)
+    window, fused = attention_window(model), takes_4d_mask(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     lengths = [len(e.input_ids) for e in train_set]
     supervised = [e.n_supervised for e in train_set]
@@ -160,7 +160,8 @@ def _train(model, train_set, val_set, cfg, pad_id, seed, log_path, checkpoint_di
             mine, weight = group[rank::world], float(world)  # DDP averages gradients over processes: undo it
             if not mine:  # a short last step: this process still joins the gradient all-reduce, with zero weight
                 mine, weight = group[:1], 0.0
-            micro = [_to(collate([train_set[i] for i in mine[j:j + cfg.batch_size]], pad_id, cfg.packing, cfg.share_prefix, window), device)
+            micro = [_to(collate([train_set[i] for i in mine[j:j + cfg.batch_size]], pad_id, cfg.packing, cfg.share_prefix,
+                                 window, fused), device)
                      for j in range(0, len(mine), cfg.batch_size)]
             loss_value, step_tokens = 0.0, 0
             for j, m in enumerate(micro):
