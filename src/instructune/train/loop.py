@@ -100,7 +100,9 @@ def _train(model, train_set, val_set, cfg, pad_id, seed, log_path, checkpoint_di
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     window, fused = attention_window(model), takes_4d_mask(model)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # the fused kernel updates all (LoRA: hundreds of small) tensors in one pass: ~4x faster steps than foreach on a CPU
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  fused=device.type in ("cpu", "cuda") and all(p.dtype.is_floating_point for p in params))
     lengths = [len(e.input_ids) for e in train_set]
     supervised = [e.n_supervised for e in train_set]
     per_step = cfg.batch_size * cfg.grad_accum * world  # the global batch
