@@ -5,8 +5,6 @@ every batch; each batch then computes only its prompts' own tokens (padding sits
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from tqdm.auto import tqdm
 
@@ -22,7 +20,7 @@ def generate(model, fmt: PromptFormat, prompts: list[str], max_new_tokens: int, 
 
 
 def _generate(model, fmt, prompts, max_new_tokens, batch_size, desc, bf16, share_prefix) -> list[str]:
-    from .likelihood import _cache_of, _common_prefix, _window_fits
+    from .likelihood import repeated, shared_prefix_cache
 
     tok = fmt.tok
     encoded = [fmt.encode_prompt(p) for p in prompts]
@@ -33,13 +31,8 @@ def _generate(model, fmt, prompts, max_new_tokens, batch_size, desc, bf16, share
     was_training = model.training
     model.eval()
     prefix, prefix_cache = 0, None
-    if (share_prefix and len(prompts) > 1 and not model.config.is_encoder_decoder
-            and _window_fits(model, max(map(len, encoded)) + max_new_tokens)):
-        prefix = _common_prefix(encoded)
-        if prefix:
-            with autocast(bf16, device):
-                prefix_cache = _cache_of(model(input_ids=torch.tensor([encoded[0][:prefix]], device=device),
-                                               use_cache=True, logits_to_keep=1))
+    if share_prefix and not model.config.is_encoder_decoder:
+        prefix, prefix_cache = shared_prefix_cache(model, encoded, max(map(len, encoded)) + max_new_tokens, bf16, device)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", dynamic_ncols=True, leave=False):
         idx = order[start:start + batch_size]
         length = max(len(encoded[i]) for i in idx)
@@ -50,10 +43,7 @@ def _generate(model, fmt, prompts, max_new_tokens, batch_size, desc, bf16, share
         for row, i in enumerate(idx):  # left padding, between the shared prefix and each prompt's own tokens
             ids[row, length - len(encoded[i]) + prefix:] = torch.tensor(encoded[i][prefix:])
             mask[row, length - len(encoded[i]) + prefix:] = 1
-        cache = {}
-        if prefix_cache is not None:
-            cache = {"past_key_values": copy.deepcopy(prefix_cache)}
-            cache["past_key_values"].batch_repeat_interleave(len(idx))
+        cache = {"past_key_values": repeated(prefix_cache, len(idx))} if prefix_cache is not None else {}
         with autocast(bf16, device):
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=end_ids, pad_token_id=tok.pad_token_id,

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..prompts.format import PromptFormat
 from ..prompts.template import Pair
+from ..train.collate import additive_mask, attention_window, text_config
 from ..train.loop import autocast, grouped_kv_heads
 
 IGNORE = -100
@@ -58,6 +59,27 @@ def _cache_of(out):
 def _common_prefix(seqs: list[list[int]]) -> int:
     """Length of the token prefix shared by all sequences, leaving each at least one token of its own."""
     return min(len(os.path.commonprefix(seqs)), min(len(s) for s in seqs) - 1)
+
+
+def shared_prefix_cache(model, encoded: list[list[int]], total_length: int, bf16: bool, device) -> tuple[int, object]:
+    """(length, KV cache) of the token prefix all `encoded` prompts share, computed once; (0, None) when there is
+    none, or when a sliding window or attention chunk shorter than `total_length` (prompt + what follows it) would
+    see the padding that sits between the prefix and each prompt's own tokens."""
+    if len(encoded) < 2 or not _window_fits(model, total_length):
+        return 0, None
+    prefix = _common_prefix(encoded)
+    if not prefix:
+        return 0, None
+    with autocast(bf16, device):
+        out = model(input_ids=torch.tensor([encoded[0][:prefix]], device=device), use_cache=True, logits_to_keep=1)
+    return prefix, _cache_of(out)
+
+
+def repeated(cache, rows: int):
+    """A copy of a one-row KV cache for a batch of `rows` (the shared one stays as it is for the next batch)."""
+    cache = copy.deepcopy(cache)
+    cache.batch_repeat_interleave(rows)
+    return cache
 
 
 @torch.no_grad()
@@ -102,43 +124,29 @@ def choice_logprobs(model, fmt: PromptFormat, prompts: list[str], choices: list[
 def _choice_logprobs(model, encoded, comps, pad_id, device, batch_size, bf16, share_prefix, desc) -> torch.Tensor:
     with grouped_kv_heads(device):
         prefix_len, prefix_cache = 0, None
-        longest = max(len(e) for e in encoded) + max(len(c) for c in comps)
-        if share_prefix and len(encoded) > 1 and _window_fits(model, longest):
-            prefix_len = _common_prefix(encoded)
-            if prefix_len:
-                with autocast(bf16, device):
-                    prefix_cache = _cache_of(model(input_ids=torch.tensor([encoded[0][:prefix_len]], device=device),
-                                                   use_cache=True, logits_to_keep=1))
-
+        if share_prefix:
+            longest = max(len(e) for e in encoded) + max(len(c) for c in comps)
+            prefix_len, prefix_cache = shared_prefix_cache(model, encoded, longest, bf16, device)
         scores = torch.zeros((len(encoded), len(comps)))
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first: memory peaks early
         for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", dynamic_ncols=True, leave=False):
             idx = order[start:start + batch_size]
-            cache = None
-            if prefix_cache is not None:
-                cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(len(idx))
+            cache = repeated(prefix_cache, len(idx)) if prefix_cache is not None else None
             scores[idx] = _score_batch(model, [encoded[i][prefix_len:] for i in idx], prefix_len, cache, comps,
                                        pad_id, device, bf16)
     return scores
 
 
-def _text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _window_fits(model, total_length: int) -> bool:
     """No sliding window or attention chunk is shorter than the sequence (then a mask is the same for every layer)."""
-    config = _text_config(model)
-    return all(w is None or total_length < w for w in (getattr(config, "sliding_window", None),
-                                                        getattr(config, "attention_chunk_size", None)))
+    window = attention_window(model)
+    return window is None or total_length < window
 
 
 def _fusable(model, total_length: int) -> bool:
     """Whether one pass with a hand-made 4D attention mask is exact for this model: its attention applies such a mask
     as given (eager, sdpa), every layer is attention, and no sliding window or attention chunk cuts the sequence."""
-    config = _text_config(model)
+    config = text_config(model)
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
         return False
     if any(t not in ("full_attention", "sliding_attention", "chunked_attention")
@@ -164,7 +172,7 @@ def _score_batch(model, suffixes: list[list[int]], prefix_len: int, cache, comps
     ids, mask = _left_pad(suffixes, prefix_len, pad_id)
     n, width = ids.shape
     extra = sum(len(c) - 1 for c in comps)
-    vocab = getattr(_text_config(model), "vocab_size", None) or 1 << 18
+    vocab = getattr(text_config(model), "vocab_size", None) or 1 << 18
     if extra and n * (extra + 1) * vocab <= LOGIT_BUDGET and _fusable(model, prefix_len + width + extra):
         return _score_fused(model, ids, mask, prefix_len, cache, comps, device, bf16)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -237,8 +245,8 @@ def _score_fused(model, ids, mask, prefix_len: int, cache, comps: list[list[int]
         where.append((start - width + 1, c[1:]))  # kept-logit index predicting each later token of this choice
         start += m
     attn = allowed[:, None]
-    if _text_config(model)._attn_implementation == "eager":  # eager adds the mask to the scores
-        attn = torch.zeros(attn.shape).masked_fill(~attn, torch.finfo(torch.float32).min)
+    if text_config(model)._attn_implementation == "eager":  # eager adds the mask to the scores
+        attn = additive_mask(attn)
     with autocast(bf16, device):
         out = model(input_ids=torch.cat(inputs, dim=1).to(device), attention_mask=attn.to(device),
                     position_ids=positions.to(device), use_cache=cache is not None, logits_to_keep=extra + 1,

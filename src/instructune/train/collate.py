@@ -109,9 +109,7 @@ def _collate_fused(examples: list[Encoded], prefix: int) -> dict[str, torch.Tens
         allowed[start:end, start:end] = torch.ones((end - start, end - start), dtype=torch.bool).tril()
     labels = torch.tensor([labels])
     keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE
-    for start, _ in blocks:  # a block's first token is never trained (prefix < first trained prediction); be sure
-        keep[0, start - 1] = False
+    keep[:, :-1] = labels[:, 1:] != IGNORE  # a block's first token is a prompt token: its predecessor is not kept
     return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]), "labels": labels,
             "attention_mask": allowed[None, None], "logits_to_keep": keep, "targets": labels[:, 1:][keep[:, :-1]],
             "n_supervised": int(keep.sum()), "n_tokens": sum(len(e.input_ids) for e in examples)}
@@ -132,9 +130,20 @@ def collate_seq2seq(examples: list[Encoded], pad_id: int) -> dict[str, torch.Ten
             "n_supervised": int((labels != IGNORE).sum()), "n_tokens": sum(len(e.input_ids) + len(e.labels) for e in examples)}
 
 
-def _config(model):
-    model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+def unwrap(model):
+    """The model inside a DistributedDataParallel wrapper (itself otherwise)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def text_config(model):
+    """The config of the language model (the text part of a multimodal config)."""
+    config = unwrap(model).config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean attention mask (True: attend) as the additive float mask eager attention expects."""
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
 def takes_4d_mask(model) -> bool:
@@ -146,15 +155,16 @@ def takes_4d_mask(model) -> bool:
 
 def attention_window(model) -> int | None:
     """The shortest sliding window or attention chunk of a model's layers (None: every layer sees everything)."""
-    config = _config(model)
-    windows = [w for w in (getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None)) if w]
+    config = text_config(model)
+    windows = [w for w in (getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None))
+               if w is not None]
     return min(windows) if windows else None
 
 
 def completion_loss_sum(model, batch: dict) -> torch.Tensor:
     """Summed cross-entropy over completion tokens (divide by the supervised count of the whole optimizer step)."""
     if batch.get("seq2seq"):
-        labels, config = batch["labels"], getattr(model, "module", model).config  # DDP wraps the model
+        labels, config = batch["labels"], unwrap(model).config
         decoder_ids = labels.masked_fill(labels == IGNORE, config.pad_token_id)
         start = torch.full_like(decoder_ids[:, :1], config.decoder_start_token_id)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -167,15 +177,15 @@ def completion_loss_sum(model, batch: dict) -> torch.Tensor:
 
         # under DDP the prefix runs on the wrapped module: its gradient joins the same backward pass, and DDP's
         # per-parameter hooks fire once the contributions of both passes are summed
-        inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        inner = unwrap(model)
         kwarg = _cache_kwarg(inner)
         no_logits = torch.zeros_like(batch["prefix_ids"], dtype=torch.bool)  # the prefix predicts nothing trained
         shared = _cache_of(inner(input_ids=batch["prefix_ids"], use_cache=True, logits_to_keep=no_logits))
         shared.batch_repeat_interleave(batch["input_ids"].shape[0])
         cache = {kwarg: shared, "use_cache": True}
     mask = batch.get("attention_mask")
-    if mask is not None and mask.dim() == 4 and _config(model)._attn_implementation == "eager":
-        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    if mask is not None and mask.dim() == 4 and text_config(model)._attn_implementation == "eager":
+        mask = additive_mask(mask)
     out = model(input_ids=batch["input_ids"], attention_mask=mask,
                 position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"],
                 **(cache or {"use_cache": False}))
