@@ -38,25 +38,33 @@ def test_padding_is_masked_and_left_aligned():
     a = Encoded([5, 6, 7, 8], [IGNORE, IGNORE, 7, 8])
     b = Encoded([5, 6, 7, 8, 9, 10, 11], [IGNORE] * 5 + [10, 11])
     batch = collate([a, b], pad_id=0)
-    assert batch["input_ids"].tolist() == [[0, 0, 0, 5, 6, 7, 8], [5, 6, 7, 8, 9, 10, 11]]
-    assert batch["attention_mask"].tolist() == [[0, 0, 0, 1, 1, 1, 1], [1] * 7]
-    assert batch["labels"].tolist() == [[IGNORE] * 5 + [7, 8], [IGNORE] * 5 + [10, 11]]  # pads never trained
-    assert batch["position_ids"].tolist() == [[0, 0, 0, 0, 1, 2, 3], list(range(7))]
-    assert batch["n_supervised"] == 4
-    # logits only at the positions that predict a completion token, and their targets in the same order
-    assert batch["logits_to_keep"].tolist() == [[False] * 4 + [True, True, False], [False] * 4 + [True, True, False]]
+    # the last token of each example (its end token) is a target only: no input after it predicts anything trained
+    assert batch["input_ids"].tolist() == [[0, 0, 0, 5, 6, 7], [5, 6, 7, 8, 9, 10]]
+    assert batch["attention_mask"].tolist() == [[0, 0, 0, 1, 1, 1], [1] * 6]
+    assert batch["position_ids"].tolist() == [[0, 0, 0, 0, 1, 2], list(range(6))]
+    assert batch["n_supervised"] == 4 and batch["n_tokens"] == 11
+    # logits only at the positions that predict a completion token (pads never), and their targets in that order
+    assert batch["logits_to_keep"].tolist() == [[False] * 4 + [True, True], [False] * 4 + [True, True]]
     assert batch["targets"].tolist() == [7, 8, 10, 11]
+
+
+def test_inputs_after_the_last_trained_prediction_are_left_out():
+    from instructune.train.collate import next_tokens
+
+    assert next_tokens(Encoded([5, 6, 7, 8, 9], [IGNORE, 6, 7, IGNORE, IGNORE])) == ([5, 6], [6, 7])
+    assert next_tokens(Encoded([5, 6, 7], [IGNORE] * 3)) == ([5, 6], [IGNORE, IGNORE])  # nothing trained: all but last
+    assert next_tokens(Encoded([5], [IGNORE])) == ([5], [IGNORE])
 
 
 def test_packed_batch_is_one_row_without_padding():
     a = Encoded([5, 6, 7, 8], [IGNORE, IGNORE, 7, 8])
     b = Encoded([5, 6, 9, 10, 11], [IGNORE] * 3 + [10, 11])
     batch = collate([a, b], pad_id=0, packed=True)
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 5, 6, 9, 10, 11]]
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 5, 6, 9, 10]]
     assert "attention_mask" not in batch  # transformers derives the block-diagonal mask from the positions
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4]]
-    assert batch["logits_to_keep"].tolist() == [[False, True, True, False, False, False, True, True, False]]
-    assert batch["targets"].tolist() == [7, 8, 10, 11]  # the first example's last token never predicts the second's first
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3]]
+    assert batch["logits_to_keep"].tolist() == [[False, True, True, False, False, True, True]]
+    assert batch["targets"].tolist() == [7, 8, 10, 11]  # the first example's last input predicts its own end token
     assert batch["n_supervised"] == 4 and batch["n_tokens"] == 9
 
 
@@ -200,13 +208,13 @@ def test_shared_prefix_computed_once_equals_the_padded_batch(tiny_model, tiny_ge
     exs = [Encoded(common + e.input_ids, [IGNORE] * 12 + e.labels) for e in _random_examples(3)]
     two_pass = collate(exs, 0, min_shared=8)
     fused = collate(exs, 0, min_shared=8, window=attention_window(model), fused=True)
-    assert two_pass["prefix_ids"].tolist() == [common] and two_pass["input_ids"].shape[1] == 20
-    assert fused["input_ids"].shape == (1, 12 + 48) and fused["attention_mask"].shape == (1, 1, 60, 60)
+    assert two_pass["prefix_ids"].tolist() == [common] and two_pass["input_ids"].shape[1] == 19  # end tokens: targets, not inputs
+    assert fused["input_ids"].shape == (1, 12 + 44) and fused["attention_mask"].shape == (1, 1, 56, 56)
     for b in (two_pass, fused):
         assert b["n_supervised"] == sum(e.n_supervised for e in exs) and b["n_tokens"] == sum(len(e.input_ids) for e in exs)
     assert "prefix_ids" not in collate(exs, 0, min_shared=13)  # shorter than asked for: plain padded rows
     assert "prefix_ids" in collate(exs, 0, min_shared=8, window=40, fused=True)  # fused row too long: two passes
-    assert "prefix_ids" not in collate(exs, 0, min_shared=8, window=32)  # prefix + row would reach the window
+    assert "prefix_ids" not in collate(exs, 0, min_shared=8, window=31)  # prefix + row would reach the window
     reference = _loss_and_grads(model, collate(exs, 0), grouped_kv=False)
     for batch, grouped_kv in ((two_pass, False), (two_pass, True), (fused, False), (fused, True)):
         loss, grads = _loss_and_grads(model, batch, grouped_kv)

@@ -13,6 +13,7 @@ from conftest import tiny_config, write_config
 from instructune.config import ExperimentConfig
 from instructune.experiment import prepare
 from instructune.models import load_model
+from instructune.train.collate import split_by_tokens
 from instructune.train.loop import train
 
 
@@ -24,20 +25,32 @@ def _setup(tmp_path, tiny_model, **train_cfg):
     return cfg, prep, examples
 
 
-def test_accumulation_4x2_equals_one_batch_of_8(tmp_path, tiny_model):
+def test_accumulation_4x2_and_split_passes_equal_one_batch_of_8(tmp_path, tiny_model):
     finals = []
-    for batch_size, accum in ((8, 1), (2, 4)):
+    for batch_size, accum, pass_tokens in ((8, 1, 0), (2, 4, 0), (8, 1, 64)):
         cfg, prep, examples = _setup(tmp_path, tiny_model, batch_size=batch_size, grad_accum=accum, epochs=0.5,
-                                     max_grad_norm=None)
+                                     max_grad_norm=None, pass_tokens=pass_tokens)
         torch.manual_seed(0)
         model = load_model(prep.model_source, cfg.model)
         log = train(model, examples, [], cfg.train, prep.tokenizer.pad_token_id, cfg.seed)
         finals.append(([e["loss"] for e in log], {n: p.detach().clone() for n, p in model.named_parameters()}))
-    (loss_a, w_a), (loss_b, w_b) = finals
-    assert len(loss_a) == len(loss_b) == 2
-    assert max(abs(a - b) for a, b in zip(loss_a, loss_b)) < 1e-5
-    assert max((w_a[n] - w_b[n]).abs().max().item() for n in w_a) < 1e-5
+    lengths = [len(e.input_ids) for e in examples]
+    assert 8 * max(lengths) > 64 and len(split_by_tokens(list(range(8)), lengths, 64)) > 1  # 64 did split batches
+    (loss_a, w_a), *others = finals
+    for loss_b, w_b in others:
+        assert len(loss_a) == len(loss_b) == 2
+        assert max(abs(a - b) for a, b in zip(loss_a, loss_b)) < 1e-5
+        assert max((w_a[n] - w_b[n]).abs().max().item() for n in w_a) < 1e-5
     assert any((w_a[n] - p).abs().max() > 0 for n, p in load_model(prep.model_source, cfg.model).named_parameters())
+
+
+def test_split_by_tokens_keeps_passes_within_the_budget():
+    lengths = [10, 50, 12, 48, 11, 200]
+    passes = split_by_tokens(list(range(6)), lengths, 100)
+    assert sorted(i for p in passes for i in p) == list(range(6))
+    assert all(len(p) * max(lengths[i] for i in p) <= 100 or len(p) == 1 for p in passes)
+    assert [5] in passes  # longer than the budget: a pass of its own
+    assert split_by_tokens([0, 1, 2], lengths, 0) == [[0, 2, 1]]  # 0: one pass (sorted by length)
 
 
 def _train_cli(config, *extra):

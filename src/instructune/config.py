@@ -86,6 +86,9 @@ class TrainConfig(Strict):
                                              "never attend to each other); off: left-padded rows grouped by length")
     share_prefix: int = Field(16, ge=0, description="when all examples of a micro-batch begin with at least this many "
                               "identical tokens (system prompt, instruction), compute them once per micro-batch; 0: off")
+    pass_tokens: int = Field(1024, ge=0, description="split a micro-batch whose padded rows hold more tokens than this "
+                             "into several forward/backward passes: the same update with less activation memory "
+                             "(long examples); 0: never split")
     lr: float | None = Field(None, gt=0, description="default 1e-3 for LoRA, 5e-5 for full")
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)

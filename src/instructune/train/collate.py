@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -21,12 +22,23 @@ def shared_prefix_length(examples: list[Encoded]) -> int:
     prediction is trained, so each example keeps every logit it needs in its own part."""
     if len(examples) < 2:
         return 0
-    limit = min(next((i for i, t in enumerate(e.labels) if t != IGNORE), len(e.labels)) - 1 for e in examples)
+    limit = min(min(next((i for i, t in enumerate(e.labels) if t != IGNORE), len(e.labels)), len(e.input_ids) - 1) - 1
+                for e in examples)  # (and each example keeps at least one input of its own: see `next_tokens`)
     first = examples[0].input_ids
     n = 0
     while n < limit and all(e.input_ids[n] == first[n] for e in examples):
         n += 1
     return n
+
+
+def next_tokens(e: Encoded) -> tuple[list[int], list[int]]:
+    """An example's inputs and, for each input position, the token it is trained to predict (IGNORE: none).
+
+    Positions after the last trained prediction are dropped: their outputs would feed nothing (causal attention
+    looks only backwards), so the final end-of-sequence token is a target but never an input."""
+    wanted = e.labels[1:]
+    last = max((i for i, t in enumerate(wanted) if t != IGNORE), default=max(len(wanted) - 1, 0))
+    return e.input_ids[:last + 1], list(wanted[:last + 1]) + [IGNORE] * (last + 1 - len(wanted))
 
 
 def collate(examples: list[Encoded], pad_id: int, packed: bool = False, min_shared: int = 0,
@@ -35,7 +47,8 @@ def collate(examples: list[Encoded], pad_id: int, packed: bool = False, min_shar
 
     `logits_to_keep` is a boolean mask of the positions whose next token is supervised: the model projects only
     those hidden states onto the vocabulary (the costliest layer of a small LM, and most of its activation memory)
-    and returns them flattened, in the order of `targets`.
+    and returns them flattened, in the order of `targets`. Inputs after an example's last trained prediction (its
+    end token) are left out (`next_tokens`).
 
     Packed (`packed=True`): all examples are concatenated into one row with no padding at all. Positions restart at
     0 for each example and no attention mask is passed, so transformers builds a block-diagonal causal mask from the
@@ -48,71 +61,68 @@ def collate(examples: list[Encoded], pad_id: int, packed: bool = False, min_shar
     gradients of all examples flow back into the one prefix computation). Same loss and gradients, fewer tokens.
     With `fused` (for models whose attention takes a hand-made mask: sdpa, eager) and rows of up to `FUSED_MAX`
     tokens it is one pass over one row, prefix then each example's own tokens, no padding, and a 4-D mask that lets
-    each example see the prefix and its own earlier tokens only; else two passes (the prefix with a KV cache, then the padded rows). Neither when the
-    sequence reaches the model's shortest sliding window (`window`): a window would then cover other keys."""
+    each example see the prefix and its own earlier tokens only; else two passes (the prefix with a KV cache, then
+    the padded rows). Neither when the sequence reaches the model's shortest sliding window (`window`): a window
+    would then cover other keys."""
     if examples[0].seq2seq:
         return collate_seq2seq(examples, pad_id)
+    rows = [next_tokens(e) for e in examples]
+    n_tokens = sum(len(e.input_ids) for e in examples)  # the examples' tokens, as if each had been computed alone
     prefix = shared_prefix_length(examples) if min_shared and not packed else 0
-    width = max(len(e.input_ids) for e in examples) - prefix
-    total = prefix + sum(len(e.input_ids) - prefix for e in examples)
+    width = max(len(ids) for ids, _ in rows) - prefix
+    total = prefix + sum(len(ids) - prefix for ids, _ in rows)
     if prefix >= min_shared > 0 and fused and total <= FUSED_MAX and (window is None or total < window):
-        return _collate_fused(examples, prefix)
+        return _collate_fused(rows, prefix, n_tokens)
     if prefix >= min_shared > 0 and (window is None or prefix + width < window):
-        batch = collate([Encoded(e.input_ids[prefix:], e.labels[prefix:], e.where) for e in examples], pad_id)
+        batch = _padded([(ids[prefix:], wanted[prefix:]) for ids, wanted in rows], pad_id, n_tokens)
         n = batch["input_ids"].shape[0]
-        batch["prefix_ids"] = torch.tensor([examples[0].input_ids[:prefix]])
+        batch["prefix_ids"] = torch.tensor([rows[0][0][:prefix]])
         batch["attention_mask"] = torch.cat([torch.ones((n, prefix), dtype=torch.long), batch["attention_mask"]], dim=1)
         batch["position_ids"] = batch["position_ids"] + prefix
-        batch["n_tokens"] += prefix * n  # the examples' tokens, as if each had been computed alone
         return batch
-    if packed:
-        ids = torch.tensor([[t for e in examples for t in e.input_ids]])
-        labels = torch.tensor([[lab for e in examples for lab in (IGNORE, *e.labels[1:])]])  # none predicts a first token
-        positions = torch.tensor([[p for e in examples for p in range(len(e.input_ids))]])
-        mask = None
-    else:
-        length = max(len(e.input_ids) for e in examples)
-        ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-        labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(examples), length), dtype=torch.long)
-        for i, e in enumerate(examples):
-            n = len(e.input_ids)
-            ids[i, length - n:] = torch.tensor(e.input_ids)
-            labels[i, length - n:] = torch.tensor(e.labels)
-            mask[i, length - n:] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        labels[:, 0] = IGNORE  # nothing predicts the first token
-    keep = torch.zeros_like(ids, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts token t + 1
-    batch = {"input_ids": ids, "position_ids": positions, "labels": labels, "logits_to_keep": keep,
-             "targets": labels[:, 1:][keep[:, :-1]], "n_supervised": int(keep.sum()),
-             "n_tokens": sum(len(e.input_ids) for e in examples)}
-    if mask is not None:
-        batch["attention_mask"] = mask
-    return batch
+    if not packed:
+        return _padded(rows, pad_id, n_tokens)
+    wanted = torch.tensor([[t for _, w in rows for t in w]])
+    keep = wanted != IGNORE  # an example's last input predicts its end token, never the next example's first
+    return {"input_ids": torch.tensor([[t for ids, _ in rows for t in ids]]), "logits_to_keep": keep,
+            "position_ids": torch.tensor([[p for ids, _ in rows for p in range(len(ids))]]),
+            "targets": wanted[keep], "n_supervised": int(keep.sum()), "n_tokens": n_tokens}
 
 
-def _collate_fused(examples: list[Encoded], prefix: int) -> dict[str, torch.Tensor | int]:
+def _padded(rows: list[tuple[list[int], list[int]]], pad_id: int, n_tokens: int) -> dict[str, torch.Tensor | int]:
+    """Left-padded rows with explicit positions (each row computed as it would be alone) and an attention mask."""
+    length = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    wanted = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, (row, w) in enumerate(rows):
+        ids[i, length - len(row):] = torch.tensor(row, dtype=torch.long)
+        wanted[i, length - len(row):] = torch.tensor(w, dtype=torch.long)
+        mask[i, length - len(row):] = 1
+    keep = wanted != IGNORE  # pads predict nothing
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+            "logits_to_keep": keep, "targets": wanted[keep], "n_supervised": int(keep.sum()), "n_tokens": n_tokens}
+
+
+def _collate_fused(rows: list[tuple[list[int], list[int]]], prefix: int, n_tokens: int) -> dict[str, torch.Tensor | int]:
     """One row: the shared prefix, then each example's own tokens; a 4-D mask keeps the examples apart."""
-    ids, positions, labels = list(examples[0].input_ids[:prefix]), list(range(prefix)), [IGNORE] * prefix
+    ids, positions, wanted = list(rows[0][0][:prefix]), list(range(prefix)), [IGNORE] * prefix
     blocks = []
-    for e in examples:
-        start, own = len(ids), e.input_ids[prefix:]
-        ids += own
-        positions += range(prefix, prefix + len(own))
-        labels += e.labels[prefix:]
+    for own, w in rows:
+        start = len(ids)
+        ids += own[prefix:]
+        positions += range(prefix, len(own))
+        wanted += w[prefix:]
         blocks.append((start, len(ids)))
     allowed = torch.zeros((len(ids), len(ids)), dtype=torch.bool)
     allowed[:prefix, :prefix] = torch.ones((prefix, prefix), dtype=torch.bool).tril()
     for start, end in blocks:
         allowed[start:end, :prefix] = True
         allowed[start:end, start:end] = torch.ones((end - start, end - start), dtype=torch.bool).tril()
-    labels = torch.tensor([labels])
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE  # a block's first token is a prompt token: its predecessor is not kept
-    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]), "labels": labels,
-            "attention_mask": allowed[None, None], "logits_to_keep": keep, "targets": labels[:, 1:][keep[:, :-1]],
-            "n_supervised": int(keep.sum()), "n_tokens": sum(len(e.input_ids) for e in examples)}
+    wanted = torch.tensor([wanted])
+    keep = wanted != IGNORE
+    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]), "attention_mask": allowed[None, None],
+            "logits_to_keep": keep, "targets": wanted[keep], "n_supervised": int(keep.sum()), "n_tokens": n_tokens}
 
 
 def collate_seq2seq(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor | int]:
@@ -204,6 +214,18 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> li
         batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def split_by_tokens(indices: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """`indices` in as few passes of similar-length examples as keep each pass's padded size (rows x longest row)
+    within `budget` tokens (an example longer than that gets a pass of its own); `budget` 0: one pass."""
+    order = sorted(indices, key=lambda i: lengths[i])
+    for parts in range(1, len(order) + 1):
+        size = math.ceil(len(order) / parts)
+        chunks = [order[j:j + size] for j in range(0, len(order), size)]
+        if not budget or all(len(c) * lengths[c[-1]] <= budget for c in chunks) or size == 1:
+            return chunks
+    return [order]
 
 
 def audit_masking(examples: list[Encoded], end_ids: set[int], where: str) -> dict:

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..errors import InstructuneError
 from ..prompts.format import Encoded
-from .collate import attention_window, collate, completion_loss_sum, length_grouped_batches, takes_4d_mask
+from .collate import (attention_window, collate, completion_loss_sum, length_grouped_batches, split_by_tokens,
+                      takes_4d_mask)
 
 
 def autocast(bf16: bool, device: torch.device):
@@ -75,8 +76,9 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
     """Supervised fine-tuning on completion tokens; returns the log (one dict per optimizer step).
 
     Each optimizer step takes `batch_size * grad_accum` examples grouped by length and splits them into
-    `grad_accum` micro-batches; the loss is normalised by the supervised tokens of the whole step, so accumulation
-    gives the same update as one big batch. With `checkpoint_dir`, a checkpoint (trainable weights, optimizer,
+    `grad_accum` micro-batches, and a micro-batch of long examples further into passes of at most `pass_tokens`
+    padded tokens; the loss is normalised by the supervised tokens of the whole step, so accumulation (and
+    splitting) gives the same update as one big batch. With `checkpoint_dir`, a checkpoint (trainable weights, optimizer,
     scheduler, RNG, data position) is written atomically every `save_every` steps; `resume` continues from it
     exactly, and the log is cut back to the checkpoint's step.
 
@@ -162,9 +164,11 @@ def _train(model, train_set, val_set, cfg, pad_id, seed, log_path, checkpoint_di
             mine, weight = group[rank::world], float(world)  # DDP averages gradients over processes: undo it
             if not mine:  # a short last step: this process still joins the gradient all-reduce, with zero weight
                 mine, weight = group[:1], 0.0
-            micro = [_to(collate([train_set[i] for i in mine[j:j + cfg.batch_size]], pad_id, cfg.packing, cfg.share_prefix,
-                                 window, fused), device)
-                     for j in range(0, len(mine), cfg.batch_size)]
+            # micro-batches of batch_size, each split further into passes of at most pass_tokens (long examples)
+            passes = [part for j in range(0, len(mine), cfg.batch_size)
+                      for part in split_by_tokens(mine[j:j + cfg.batch_size], lengths, cfg.pass_tokens)]
+            micro = [_to(collate([train_set[i] for i in part], pad_id, cfg.packing, cfg.share_prefix, window, fused), device)
+                     for part in passes]
             loss_value, step_tokens = 0.0, 0
             for j, m in enumerate(micro):
                 sync = ddp.no_sync() if ddp is not None and j < len(micro) - 1 else contextlib.nullcontext()
