@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -196,14 +197,24 @@ def spawn(tool: str, model: str, data: str, setting: str, args) -> dict:
     return result
 
 
+def median_run(runs: list[dict]) -> dict:
+    """One tool's repeated runs as one: the median of each figure (the losses are the same in every run)."""
+    if len(runs) == 1:
+        return runs[0]
+    mid = lambda values: statistics.median(values)  # noqa: E731
+    out = dict(runs[0], peak_rss_mib=mid([r["peak_rss_mib"] for r in runs]))
+    out["steady"], out["whole"] = mid([throughput(r, True) for r in runs]), mid([throughput(r, False) for r in runs])
+    return out
+
+
 def compare(model: str, data: str, setting: str, ours: dict, theirs: dict) -> str:
     common = min(len(ours["losses"]), len(theirs["losses"]))
     last_o, last_t = ours["losses"][common - 1], theirs["losses"][common - 1]
     tail = min(5, common)
     mean_o = sum(ours["losses"][common - tail:common]) / tail
     mean_t = sum(theirs["losses"][common - tail:common]) / tail
-    steady_o, steady_t = throughput(ours, True), throughput(theirs, True)
-    whole_o, whole_t = throughput(ours, False), throughput(theirs, False)
+    steady_o, steady_t = ours.get("steady") or throughput(ours, True), theirs.get("steady") or throughput(theirs, True)
+    whole_o, whole_t = ours.get("whole") or throughput(ours, False), theirs.get("whole") or throughput(theirs, False)
     rss_o, rss_t = ours["peak_rss_mib"], theirs["peak_rss_mib"]
     loss = (f"loss at step {common} {last_o:.4f} vs {last_t:.4f} ({(last_o / last_t - 1) * 100:+.1f} %)" if setting == "same"
             else f"mean loss of the last {tail} steps {mean_o:.4f} vs {mean_t:.4f} (different orders)")
@@ -221,6 +232,9 @@ def main() -> None:
                         help="same: identical settings and steps; best: each tool at its best settings (bf16)")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps on uci (batch size 8: steps*8 examples)")
     parser.add_argument("--email-steps", type=int, default=5, help="optimizer steps on emails (longer prompts)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run each tool this many times, taking turns, and report the medians (a shared machine's "
+                             "speed drifts by +-15 %% between runs; 3 gives steadier ratios, at 3x the time)")
     parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument("--lora-dropout", type=float, default=0.0,
                         help="LoRA dropout for both tools (default 0, instructune's default; 0.05 is TRL's usual)")
@@ -230,6 +244,8 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, metavar=("TOOL", "MODEL"), help=argparse.SUPPRESS)
     parser.add_argument("--setting", default="same", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.worker:
         if args.worker[0] not in ("instructune", "trl"):
             parser.error("--worker TOOL must be instructune or trl")
@@ -240,7 +256,8 @@ def main() -> None:
 
     started = time.perf_counter()
     print(f"# instructune vs TRL, batch 8, LoRA r=16 all-linear, dropout {args.lora_dropout}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; steps: uci {args.steps}, emails {args.email_steps}", flush=True)
+          f"{torch.get_num_threads()} threads; steps: uci {args.steps}, emails {args.email_steps}"
+          + (f"; medians of {args.repeats} runs per tool" if args.repeats > 1 else ""), flush=True)
     for setting in args.tables:
         if setting == "same":
             print(f"\n## 1. same settings: {'bf16 autocast' if args.bf16 else 'fp32'}, same examples in the same order, "
@@ -251,9 +268,11 @@ def main() -> None:
                   "checkpointing; instructune defaults (fp32) [instructune vs TRL]", flush=True)
         for model in args.models:
             for data in args.data:
-                ours = spawn("instructune", model, data, setting, args)
-                theirs = spawn("trl", model, data, setting, args)
-                print(compare(model, data, setting, ours, theirs), flush=True)
+                ours, theirs = [], []
+                for _ in range(args.repeats):  # taking turns, so a slow spell of the machine hits both
+                    ours.append(spawn("instructune", model, data, setting, args))
+                    theirs.append(spawn("trl", model, data, setting, args))
+                print(compare(model, data, setting, median_run(ours), median_run(theirs)), flush=True)
     print(f"\n# {time.perf_counter() - started:.0f} s in all", flush=True)
 
 
