@@ -198,13 +198,11 @@ def spawn(tool: str, model: str, data: str, setting: str, args) -> dict:
 
 
 def median_run(runs: list[dict]) -> dict:
-    """One tool's repeated runs as one: the median of each figure (the losses are the same in every run)."""
-    if len(runs) == 1:
-        return runs[0]
-    mid = lambda values: statistics.median(values)  # noqa: E731
-    out = dict(runs[0], peak_rss_mib=mid([r["peak_rss_mib"] for r in runs]))
-    out["steady"], out["whole"] = mid([throughput(r, True) for r in runs]), mid([throughput(r, False) for r in runs])
-    return out
+    """One tool's (repeated) runs as one: the median tokens/s, steady and whole, and peak RSS (the losses are the
+    same in every run)."""
+    return dict(runs[0], peak_rss_mib=statistics.median(r["peak_rss_mib"] for r in runs),
+                steady=statistics.median(throughput(r, True) for r in runs),
+                whole=statistics.median(throughput(r, False) for r in runs))
 
 
 def compare(model: str, data: str, setting: str, ours: dict, theirs: dict) -> str:
@@ -213,8 +211,7 @@ def compare(model: str, data: str, setting: str, ours: dict, theirs: dict) -> st
     tail = min(5, common)
     mean_o = sum(ours["losses"][common - tail:common]) / tail
     mean_t = sum(theirs["losses"][common - tail:common]) / tail
-    steady_o, steady_t = ours.get("steady") or throughput(ours, True), theirs.get("steady") or throughput(theirs, True)
-    whole_o, whole_t = ours.get("whole") or throughput(ours, False), theirs.get("whole") or throughput(theirs, False)
+    steady_o, steady_t, whole_o, whole_t = ours["steady"], theirs["steady"], ours["whole"], theirs["whole"]
     rss_o, rss_t = ours["peak_rss_mib"], theirs["peak_rss_mib"]
     loss = (f"loss at step {common} {last_o:.4f} vs {last_t:.4f} ({(last_o / last_t - 1) * 100:+.1f} %)" if setting == "same"
             else f"mean loss of the last {tail} steps {mean_o:.4f} vs {mean_t:.4f} (different orders)")

@@ -82,11 +82,17 @@ def collate(examples: list[Encoded], pad_id: int, packed: bool = False, min_shar
         return batch
     if not packed:
         return _padded(rows, pad_id, n_tokens)
-    wanted = torch.tensor([[t for _, w in rows for t in w]])
-    keep = wanted != IGNORE  # an example's last input predicts its end token, never the next example's first
-    return {"input_ids": torch.tensor([[t for ids, _ in rows for t in ids]]), "logits_to_keep": keep,
+    # an example's last input predicts its end token, never the next example's first
+    return {"input_ids": torch.tensor([[t for ids, _ in rows for t in ids]]),
             "position_ids": torch.tensor([[p for ids, _ in rows for p in range(len(ids))]]),
-            "targets": wanted[keep], "n_supervised": int(keep.sum()), "n_tokens": n_tokens}
+            **_kept(torch.tensor([[t for _, w in rows for t in w]]), n_tokens)}
+
+
+def _kept(wanted: torch.Tensor, n_tokens: int) -> dict[str, torch.Tensor | int]:
+    """The batch entries for the loss: which positions keep logits (those predicting a trained token; pads never)
+    and their targets, in the order the model returns the kept logits."""
+    keep = wanted != IGNORE
+    return {"logits_to_keep": keep, "targets": wanted[keep], "n_supervised": int(keep.sum()), "n_tokens": n_tokens}
 
 
 def _padded(rows: list[tuple[list[int], list[int]]], pad_id: int, n_tokens: int) -> dict[str, torch.Tensor | int]:
@@ -99,9 +105,8 @@ def _padded(rows: list[tuple[list[int], list[int]]], pad_id: int, n_tokens: int)
         ids[i, length - len(row):] = torch.tensor(row, dtype=torch.long)
         wanted[i, length - len(row):] = torch.tensor(w, dtype=torch.long)
         mask[i, length - len(row):] = 1
-    keep = wanted != IGNORE  # pads predict nothing
     return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-            "logits_to_keep": keep, "targets": wanted[keep], "n_supervised": int(keep.sum()), "n_tokens": n_tokens}
+            **_kept(wanted, n_tokens)}
 
 
 def _collate_fused(rows: list[tuple[list[int], list[int]]], prefix: int, n_tokens: int) -> dict[str, torch.Tensor | int]:
@@ -119,10 +124,8 @@ def _collate_fused(rows: list[tuple[list[int], list[int]]], prefix: int, n_token
     for start, end in blocks:
         allowed[start:end, :prefix] = True
         allowed[start:end, start:end] = torch.ones((end - start, end - start), dtype=torch.bool).tril()
-    wanted = torch.tensor([wanted])
-    keep = wanted != IGNORE
     return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]), "attention_mask": allowed[None, None],
-            "logits_to_keep": keep, "targets": wanted[keep], "n_supervised": int(keep.sum()), "n_tokens": n_tokens}
+            **_kept(torch.tensor([wanted]), n_tokens)}
 
 
 def collate_seq2seq(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor | int]:
