@@ -102,11 +102,12 @@ def test_render_minimal_and_full():
     assert page.index(">base 0shot<") < page.index(">base 1shot<") < page.index(">base 3shot") < page.index(">fine-tuned<")
 
 
-def test_write_html_atomic(tmp_path):
-    (tmp_path / "config.yaml").write_text("name: from-disk\n")
-    path = write_html(minimal_results(), tmp_path)
-    assert path == tmp_path / "report.html" and "from-disk" in path.read_text()
-    assert not (tmp_path / ".report.html.tmp").exists()
+def test_write_html_atomic_shows_the_config_it_is_given(tmp_path):
+    (tmp_path / "config.yaml").write_text("name: from-disk\n")  # never re-read: the typed config is passed in
+    path = write_html(minimal_results(), tmp_path, {"name": "given"})
+    page = path.read_text()
+    assert path == tmp_path / "report.html" and "given" in page and "from-disk" not in page
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "report.html"]  # no temporary file left
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (`make setup` installs it)")

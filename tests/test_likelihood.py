@@ -72,12 +72,12 @@ def test_matches_naive_reference(chat, monkeypatch, path):
     model, fmt = chat
     fused = path == "one-pass"
     if path == "two-pass":
-        monkeypatch.setattr(likelihood, "_fusable", lambda *a: False)
+        monkeypatch.setattr(likelihood, "fusable", lambda *a: False)  # scoring only: training keeps its own
     if path == "two-pass-grouped":  # a tiny logit budget: no fused pass, and the choices scored one group at a time
         monkeypatch.setattr(likelihood, "LOGIT_BUDGET", 1)
     calls = []
-    real = likelihood._score_fused
-    monkeypatch.setattr(likelihood, "_score_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = likelihood.score_fused
+    monkeypatch.setattr(likelihood, "score_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
     messages = [_messages(t) for t in TEXTS]
     prompts = [fmt.prompt_text(m) for m in messages]
     assert len({len(fmt.encode_prompt(p)) for p in prompts}) == len(prompts)  # all lengths differ
@@ -148,7 +148,8 @@ def test_bf16_runs_close(chat):
 
 
 def test_model_trained_on_one_label_predicts_it(tiny_model):
-    from instructune.train.collate import collate, completion_loss_sum
+    from instructune.train.collate import collate
+    from instructune.train.loss import completion_loss_sum
 
     model, tok = _load(tiny_model)
     fmt = PromptFormat(tok, chat=True)

@@ -9,9 +9,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from instructune.errors import InstructuneError
 from instructune.prompts import Pair, PromptFormat
 from instructune.prompts.format import Encoded
-from instructune.train.collate import (IGNORE, attention_window, audit_masking, collate, completion_loss_sum,
-                                       length_grouped_batches)
-from instructune.train.loop import grouped_kv_heads
+from instructune.attention import attention_window
+from instructune.prompts.format import IGNORE
+from instructune.runtime import grouped_kv_heads
+from instructune.train.audit import audit_masking
+from instructune.train.batching import length_grouped_batches
+from instructune.train.collate import collate
+from instructune.train.loss import completion_loss_sum
 
 
 def pair(prompt, completion):
@@ -160,7 +164,9 @@ def test_seq2seq_loss_matches_the_models_own_and_trains_eos(tiny_t5):
 
     from instructune.prompts import PromptFormat
     from instructune.prompts.template import Pair
-    from instructune.train.collate import IGNORE, collate, completion_loss_sum
+    from instructune.prompts.format import IGNORE
+    from instructune.train.collate import collate
+    from instructune.train.loss import completion_loss_sum
 
     tok = AutoTokenizer.from_pretrained(tiny_t5)
     model = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5).eval()
@@ -201,7 +207,7 @@ def test_shared_prefix_computed_once_equals_the_padded_batch(tiny_model, tiny_ge
     the fused row falls back to two passes, and one shorter than prefix + row turns sharing off."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model if family == "llama" else tiny_gemma, attn_implementation=attention,
                                                  **({} if family == "llama" else {"sliding_window": 128})).train()
-    from instructune.train.collate import takes_4d_mask
+    from instructune.attention import takes_4d_mask
 
     assert takes_4d_mask(model)
     common = _random_examples(2, ((12, 0),))[0].input_ids

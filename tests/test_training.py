@@ -11,9 +11,9 @@ import torch
 
 from conftest import tiny_config, write_config
 from instructune.config import ExperimentConfig
-from instructune.experiment import prepare
 from instructune.models import load_model
-from instructune.train.collate import split_by_tokens
+from instructune.tasks import prepare
+from instructune.train.batching import split_by_tokens
 from instructune.train.loop import train
 
 
@@ -129,11 +129,12 @@ def test_tensorboard_gets_the_logged_scalars(tmp_path, tiny_model):
 
 
 def test_metric_validation_early_stopping_and_best_weights(tmp_path, tiny_model):
-    from instructune.experiment import validation_scorer
+    from instructune.evaluate.score import validation_scorer
 
     cfg, prep, examples = _setup(tmp_path, tiny_model, batch_size=8, epochs=8, eval_every=1, eval_metric=True,
                                  metric_samples=4, early_stopping_patience=2, keep_best=True, lr=1e-2)
-    scorer = validation_scorer(prep)
+    scorer = validation_scorer([(t.template, t.fmt, t.pairs["validation"][: cfg.train.metric_samples]) for t in prep.tasks],
+                               cfg.evaluate.batch_size, cfg.train.bf16)
     scores, snapshots = [], []
 
     def score(m):  # the real scorer; the weights seen at each validation are kept to check which ones survive
@@ -156,7 +157,7 @@ def test_bf16_lora_keeps_frozen_weights_bf16_and_the_adapter_fp32(tmp_path, tiny
     from safetensors.torch import load_file
 
     from conftest import tiny_config, write_config
-    from instructune.experiment import training_model
+    from instructune.models import training_model
 
     cfg = ExperimentConfig.model_validate(tiny_config(tmp_path, tiny_model, ("classification",), n_train=16,
                                                       method="lora", batch_size=4, epochs=2, bf16=True, lr=1e-2))

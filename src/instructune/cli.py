@@ -52,7 +52,7 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
         resume: bool = typer.Option(False, help=RESUME_HELP)):
     """Everything: data → base-model baselines → fine-tuning → evaluation → report."""
     from .experiment import run as run_experiment
-    from .train.loop import check_launcher
+    from .runtime import check_launcher
 
     check_launcher()
     cfg = _config(config, set_)
@@ -64,7 +64,8 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
 @handles_errors
 def baseline(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP)):
     """Measure the base model zero-shot, one-shot and k-shot on the test split (writes baseline.json)."""
-    from .experiment import prepare, run_baseline, start_run
+    from .experiment import run_baseline, start_run
+    from .tasks import prepare
 
     cfg = _config(config, set_)
     prep = prepare(cfg)
@@ -76,8 +77,9 @@ def baseline(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set
 def train(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
           resume: bool = typer.Option(False, help=RESUME_HELP)):
     """Fine-tune on the training split (writes model/ with the adapter or weights, tokenizer and manifest)."""
-    from .experiment import prepare, run_train, start_run
-    from .train.loop import check_launcher
+    from .experiment import run_train, start_run
+    from .runtime import check_launcher
+    from .tasks import prepare
 
     check_launcher()
     cfg = _config(config, set_)
@@ -90,7 +92,8 @@ def train(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", 
 @handles_errors
 def evaluate(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP)):
     """Evaluate the fine-tuned model of the run on the test split (writes finetuned.json)."""
-    from .experiment import prepare, run_evaluate
+    from .experiment import run_evaluate
+    from .tasks import prepare
 
     cfg = _config(config, set_)
     prep = prepare(cfg)
@@ -101,10 +104,10 @@ def evaluate(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set
 @handles_errors
 def report(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP)):
     """Write results.json and report.md from what the earlier stages wrote."""
-    from .report.write import write_report
+    from .report import write_report
 
     cfg = _config(config, set_)
-    _summary(write_report(cfg.run_dir()), cfg.run_dir())
+    _summary(write_report(cfg.run_dir(), cfg), cfg.run_dir())
 
 
 @data_app.command("preview")
@@ -116,15 +119,16 @@ def data_preview(config: Path, set_: Optional[List[str]] = typer.Option(None, "-
     from rich.console import Console
     from rich.text import Text
 
-    from .experiment import prepare
-    from .train.collate import IGNORE, audit_masking
+    from .prompts.format import IGNORE
+    from .tasks import prepare
+    from .train.audit import audit_masking
 
     cfg = _config(config, set_)
     prep = prepare(cfg)
     console = Console()
     for task in prep.tasks:
         pairs = task.pairs.get(split, [])
-        encoded = [task.fmt.encode(p, cfg.train.max_length) for p in pairs]
+        encoded = task.encoded(split, cfg.train.max_length)
         console.rule(f"{task.name} ({task.template.type}) — {len(pairs)} {split} pairs")
         for enc in encoded[:n]:
             text = Text()
@@ -145,7 +149,7 @@ def data_lint(config: Path, set_: Optional[List[str]] = typer.Option(None, "--se
     """Check the data before spending compute: split sizes, labels, supervised tokens, train/test leakage."""
     from collections import Counter
 
-    from .experiment import data_stats, prepare
+    from .tasks import data_stats, prepare
 
     cfg = _config(config, set_)
     prep = prepare(cfg)  # bad input fails here, with file and line
@@ -180,9 +184,8 @@ def generate(text: str = typer.Argument(..., help="the input: plain text for the
              task: Optional[str] = typer.Option(None, help="task name (needed when the model learned several)"),
              max_new_tokens: Optional[int] = typer.Option(None)):
     """Answer with a fine-tuned model, rendering the prompt with the template it was trained with."""
-    from .data.load import Record
     from .evaluate.generate import generate as run_generate
-    from .experiment import load_finetuned
+    from .models import load_finetuned
     from .prompts import PromptFormat, TaskTemplate
     from .prompts.library import FIELDS
 

@@ -1,17 +1,23 @@
-"""Loading base models (offline presets, GGUF files, local folders, hub ids), LoRA wrapping, saving."""
+"""Models: resolving and loading base models (offline presets, GGUF files, local folders, hub ids), LoRA wrapping,
+the model to train, saving a fine-tuned model with its manifest and loading it back."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import LoraConfig, ModelConfig
+from .config import LoraConfig, ModelConfig, TrainConfig
 from .errors import InstructuneError
+from .hub import looks_like_hub_id
+from .io import replaced_folder, write_json
+from .runtime import device
+
+MANIFEST = "instructune.json"  # written beside a fine-tuned model: its templates, base model, data and config
 
 
 @dataclass(frozen=True)
@@ -49,14 +55,9 @@ def resolve_model(cfg: ModelConfig, key: str = "model.name") -> str:
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise InstructuneError("folder has no config.json: not a Hugging Face model folder", f"{key}: {path}")
         return str(path.resolve())
-    if _looks_like_hub_id(name):
+    if looks_like_hub_id(name):
         return name  # loaded from the hub (online users); errors there are reported by load_model
     raise InstructuneError(f"model path does not exist (and {name!r} is not a preset {sorted(PRESETS)} or a hub id)", f"{key}: {name}")
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(p and not p.startswith(".") for p in parts) and not name.startswith(("/", "~"))
 
 
 def _short_hash(path: Path) -> str:
@@ -92,14 +93,9 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
     model.hf_quantizer = None  # the weights are dequantized to float; save them as plain tensors
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    with replaced_folder(target) as tmp:  # a half-converted folder never looks finished
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a half-converted folder never looks finished
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -116,20 +112,33 @@ def load_tokenizer(source: str, cfg: ModelConfig):
     return tok
 
 
-def is_encoder_decoder(source: str, cfg: ModelConfig) -> bool:
-    """True for sequence-to-sequence models (T5 family), which train and generate through their own paths."""
-    import json
-
-    adapter = Path(source, "adapter_config.json")
-    if adapter.is_file():
-        return json.loads(adapter.read_text()).get("task_type") == "SEQ_2_SEQ_LM"
+@functools.lru_cache(maxsize=8)
+def _auto_config(source: str, trust_remote_code: bool, revision: str | None):
+    """The model's `AutoConfig`, read once per source (None when there is none to read)."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError):
-        return False
+        return None
+
+
+def is_encoder_decoder(source: str, cfg: ModelConfig) -> bool:
+    """True for sequence-to-sequence models (T5 family), which train and generate through their own paths."""
+    adapter = Path(source, "adapter_config.json")
+    if adapter.is_file():
+        return json.loads(adapter.read_text()).get("task_type") == "SEQ_2_SEQ_LM"
+    config = _auto_config(source, cfg.trust_remote_code, cfg.revision)
     return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def context_length(source: str, cfg: ModelConfig) -> int:
+    """The longest sequence the model was built for (capped at 8192 for k-shot prompt budgets; 2048 if unknown)."""
+    config = _auto_config(source, cfg.trust_remote_code, cfg.revision)
+    if config is None:
+        return 2048
+    config = getattr(config, "text_config", config)
+    return min(getattr(config, "max_position_embeddings", 2048) or 2048, 8192)
 
 
 def load_model(source: str, cfg: ModelConfig, dtype=None):
@@ -174,3 +183,64 @@ def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+def training_model(source: str, model_cfg: ModelConfig, train_cfg: TrainConfig):
+    """The model to fine-tune, on the training device: LoRA-wrapped, or whole for full fine-tuning.
+
+    LoRA under `train.bf16` keeps the frozen weights in bf16: half the memory, and autocast need not cast every
+    weight at every pass (on a CPU that cast costs more than the bf16 matmuls save). The adapter, its gradients and
+    its optimizer state stay fp32. Full fine-tuning keeps fp32 weights under bf16 autocast."""
+    import torch
+
+    frozen_bf16 = train_cfg.bf16 and train_cfg.method == "lora"
+    model = load_model(source, model_cfg, torch.bfloat16 if frozen_bf16 else None)
+    if train_cfg.method == "lora":
+        model = wrap_lora(model, train_cfg.lora)
+        if frozen_bf16:
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+    return model.to(device())
+
+
+def load_for_inference(source: str, cfg: ModelConfig):
+    """A model ready to answer, on the device, in eval mode; an adapter is merged into its base first."""
+    model = load_model(source, cfg)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()  # one matmul per layer instead of base + low-rank path
+    return model.to(device()).eval()
+
+
+def save_model(model, tokenizer, out: Path, manifest: dict) -> None:
+    """The adapter (LoRA) or the full model, the tokenizer, and the manifest, written atomically into `out`."""
+    with replaced_folder(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / MANIFEST, manifest)
+
+
+def load_finetuned(model_dir: Path):
+    """The fine-tuned model (ready to answer), its tokenizer and its manifest (the templates it was trained with)."""
+    model_dir = Path(model_dir)
+    if (model_dir / "model" / MANIFEST).is_file():
+        model_dir = model_dir / "model"  # a run folder
+    if not (model_dir / MANIFEST).is_file():
+        raise InstructuneError(f"no {MANIFEST} here: expected a run folder or its model/ folder written by `instructune train`", str(model_dir))
+    meta = json.loads((model_dir / MANIFEST).read_text())
+    mcfg = ModelConfig(**meta["config"]["model"])
+    tokenizer = load_tokenizer(str(model_dir), mcfg)
+    return load_for_inference(str(model_dir), mcfg), tokenizer, meta
+
+
+def versions() -> dict:
+    """The versions of the packages a result depends on, for the manifest."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("instructune", "torch", "transformers", "peft", "accelerate", "rouge-score", "sacrebleu"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out

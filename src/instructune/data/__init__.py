@@ -2,6 +2,6 @@
 
 from .load import Record, load_records
 from .shapes import detect_shape
-from .splits import load_task_splits, split_records
+from .splits import read_sources, split_records, split_sources
 
-__all__ = ["Record", "load_records", "detect_shape", "load_task_splits", "split_records"]
+__all__ = ["Record", "load_records", "detect_shape", "read_sources", "split_records", "split_sources"]

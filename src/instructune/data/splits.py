@@ -31,15 +31,26 @@ def split_records(records: list[Record], validation_size: float, test_size: floa
     return out
 
 
-def load_task_splits(data: DataConfig, seed: int, label_of=None, where: str = "data") -> dict[str, list[Record]]:
-    """The train/validation/test records of one task, as configured."""
+def read_sources(data: DataConfig) -> dict[str, list[Record]]:
+    """The task's records as configured, each file read once: {"all": ...} for one `path` to split, else the given
+    {"train", "test"[, "validation"]}."""
     if data.path is not None:
-        splits = split_records(load_records(data.path, data.hub_split), data.validation_size, data.test_size, seed, label_of)
+        return {"all": load_records(data.path, data.hub_split)}
+    sources = {"train": load_records(data.train, data.hub_split), "test": load_records(data.test, data.hub_split)}
+    if data.validation is not None:
+        sources["validation"] = load_records(data.validation, data.hub_split)
+    return sources
+
+
+def split_sources(sources: dict[str, list[Record]], data: DataConfig, seed: int, label_of=None,
+                  where: str = "data") -> dict[str, list[Record]]:
+    """The train/validation/test records of one task: `all` split by seed (stratified with `label_of`), or the
+    given splits with a validation split cut from training when none is given; then the configured caps."""
+    if "all" in sources:
+        splits = split_records(sources["all"], data.validation_size, data.test_size, seed, label_of)
     else:
-        splits = {"train": load_records(data.train, data.hub_split), "test": load_records(data.test, data.hub_split)}
-        if data.validation is not None:
-            splits["validation"] = load_records(data.validation, data.hub_split)
-        else:
+        splits = dict(sources)
+        if "validation" not in splits:
             splits.update({k: v for k, v in split_records(splits["train"], data.validation_size, 0.0, seed, label_of).items()
                            if k in ("train", "validation")})
     for name, cap in (("train", data.max_train), ("validation", data.max_validation), ("test", data.max_test)):

@@ -8,11 +8,12 @@ train/validation pools), so memorising names does not help, and no record's text
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import unicodedata
 from pathlib import Path
+
+from ..io import atomic_write
 
 TASKS = ("support_tickets", "incident_summaries", "en_fr_translation", "company_qa", "news_ner")
 SIZES = {"train": 120, "validation": 20, "test": 40}
@@ -585,21 +586,14 @@ in that file, sampled with Python's `random` (one generator per task and split).
 """
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_demo_data(out_dir, seed: int = 0) -> list[Path]:
     """Write `<out_dir>/<task>/<split>.jsonl` for every task, plus a README; returns the paths written."""
     out, paths = Path(out_dir), []
     for task in TASKS:
         for split, records in generate(task, seed).items():
             path = out / task / f"{split}.jsonl"
-            _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
             paths.append(path)
     readme = out / "README.md"
-    _write_atomic(readme, README.format(seed=seed, **SIZES))
+    atomic_write(readme, README.format(seed=seed, **SIZES))
     return paths + [readme]

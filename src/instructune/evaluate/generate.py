@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ..attention import left_pad, repeated, shared_prefix_cache
 from ..prompts.format import PromptFormat
-from ..train.loop import autocast, grouped_kv_heads
+from ..runtime import autocast, grouped_kv_heads
 
 
 @torch.no_grad()
@@ -20,8 +21,6 @@ def generate(model, fmt: PromptFormat, prompts: list[str], max_new_tokens: int, 
 
 
 def _generate(model, fmt, prompts, max_new_tokens, batch_size, desc, bf16, share_prefix) -> list[str]:
-    from .likelihood import repeated, shared_prefix_cache
-
     tok = fmt.tok
     encoded = [fmt.encode_prompt(p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first: memory peaks early
@@ -35,14 +34,9 @@ def _generate(model, fmt, prompts, max_new_tokens, batch_size, desc, bf16, share
         prefix, prefix_cache = shared_prefix_cache(model, encoded, max(map(len, encoded)) + max_new_tokens, bf16, device)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", dynamic_ncols=True, leave=False):
         idx = order[start:start + batch_size]
-        length = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), length), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        ids[:, :prefix] = torch.tensor(encoded[idx[0]][:prefix])
-        mask[:, :prefix] = 1
-        for row, i in enumerate(idx):  # left padding, between the shared prefix and each prompt's own tokens
-            ids[row, length - len(encoded[i]) + prefix:] = torch.tensor(encoded[i][prefix:])
-            mask[row, length - len(encoded[i]) + prefix:] = 1
+        # left padding, between the shared prefix and each prompt's own tokens
+        ids, mask = left_pad([encoded[i][prefix:] for i in idx], tok.pad_token_id, encoded[idx[0]][:prefix])
+        length = ids.shape[1]
         cache = {"past_key_values": repeated(prefix_cache, len(idx))} if prefix_cache is not None else {}
         with autocast(bf16, device):
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,

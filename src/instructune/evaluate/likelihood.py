@@ -15,18 +15,16 @@ that share a token prefix ("very positive" / "very negative") are scored apart, 
 from __future__ import annotations
 
 import copy
-import inspect
-import os
 
 import torch
 from tqdm.auto import tqdm
 
-from ..prompts.format import PromptFormat
+from ..attention import (as_model_mask, cache_kwarg, cache_of, fusable, left_pad, positions_of, repeated,
+                         shared_prefix_cache, text_config)
+from ..prompts.format import IGNORE, PromptFormat
 from ..prompts.template import Pair
-from ..train.collate import additive_mask, attention_window, text_config
-from ..train.loop import autocast, grouped_kv_heads
+from ..runtime import autocast, grouped_kv_heads
 
-IGNORE = -100
 # Ceiling on the logits of one choice pass (float32 elements, 256 MiB): many long choices are split into groups.
 LOGIT_BUDGET = 1 << 26
 _PROBE = [{"role": "user", "content": "x"}]
@@ -43,43 +41,6 @@ def completion_ids(fmt: PromptFormat, choice: str) -> list[int]:
 def _truncate(ids: list[int], keep: int) -> list[int]:
     # As PromptFormat.encode does: keep the first token (BOS / template start) and the end, which holds the question.
     return ids if len(ids) <= keep else ids[:1] + ids[len(ids) - keep + 1:]
-
-
-def _cache_kwarg(model) -> str:
-    """The forward argument that takes a KV cache: `cache` in newer transformers, `past_key_values` before."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper takes **kwargs
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-def _cache_of(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-def _common_prefix(seqs: list[list[int]]) -> int:
-    """Length of the token prefix shared by all sequences, leaving each at least one token of its own."""
-    return min(len(os.path.commonprefix(seqs)), min(len(s) for s in seqs) - 1)
-
-
-def shared_prefix_cache(model, encoded: list[list[int]], total_length: int, bf16: bool, device) -> tuple[int, object]:
-    """(length, KV cache) of the token prefix all `encoded` prompts share, computed once; (0, None) when there is
-    none, or when a sliding window or attention chunk shorter than `total_length` (prompt + what follows it) would
-    see the padding that sits between the prefix and each prompt's own tokens."""
-    if len(encoded) < 2 or not _window_fits(model, total_length):
-        return 0, None
-    prefix = _common_prefix(encoded)
-    if not prefix:
-        return 0, None
-    with autocast(bf16, device):
-        out = model(input_ids=torch.tensor([encoded[0][:prefix]], device=device), use_cache=True, logits_to_keep=1)
-    return prefix, _cache_of(out)
-
-
-def repeated(cache, rows: int):
-    """A copy of a one-row KV cache for a batch of `rows` (the shared one stays as it is for the next batch)."""
-    cache = copy.deepcopy(cache)
-    cache.batch_repeat_interleave(rows)
-    return cache
 
 
 @torch.no_grad()
@@ -132,54 +93,27 @@ def _choice_logprobs(model, encoded, comps, pad_id, device, batch_size, bf16, sh
         for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", dynamic_ncols=True, leave=False):
             idx = order[start:start + batch_size]
             cache = repeated(prefix_cache, len(idx)) if prefix_cache is not None else None
-            scores[idx] = _score_batch(model, [encoded[i][prefix_len:] for i in idx], prefix_len, cache, comps,
-                                       pad_id, device, bf16)
+            scores[idx] = _score_batch(model, [encoded[i][prefix_len:] for i in idx], encoded[idx[0]][:prefix_len],
+                                       cache, comps, pad_id, device, bf16)
     return scores
 
 
-def _window_fits(model, total_length: int) -> bool:
-    """No sliding window or attention chunk is shorter than the sequence (then a mask is the same for every layer)."""
-    window = attention_window(model)
-    return window is None or total_length < window
-
-
-def _fusable(model, total_length: int) -> bool:
-    """Whether one pass with a hand-made 4D attention mask is exact for this model: its attention applies such a mask
-    as given (eager, sdpa), every layer is attention, and no sliding window or attention chunk cuts the sequence."""
-    config = text_config(model)
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
-        return False
-    if any(t not in ("full_attention", "sliding_attention", "chunked_attention")
-           for t in getattr(config, "layer_types", None) or []):
-        return False  # recurrent / linear-attention layers carry state that a mask cannot branch
-    return _window_fits(model, total_length)
-
-
-def _left_pad(suffixes: list[list[int]], prefix_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n, width = len(suffixes), max(len(s) for s in suffixes)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, prefix_len + width), dtype=torch.long)
-    mask[:, :prefix_len] = 1
-    for row, s in enumerate(suffixes):  # padding sits between the shared prefix and each prompt's own tokens
-        ids[row, width - len(s):] = torch.tensor(s)
-        mask[row, prefix_len + width - len(s):] = 1
-    return ids, mask
-
-
-def _score_batch(model, suffixes: list[list[int]], prefix_len: int, cache, comps: list[list[int]], pad_id: int,
+def _score_batch(model, suffixes: list[list[int]], prefix: list[int], cache, comps: list[list[int]], pad_id: int,
                  device, bf16: bool) -> torch.Tensor:
-    """Summed completion log-probs [len(suffixes), len(comps)] for prompts = shared prefix (in `cache`) + suffix."""
-    ids, mask = _left_pad(suffixes, prefix_len, pad_id)
+    """Summed completion log-probs [len(suffixes), len(comps)] for prompts = shared `prefix` (in `cache`) + suffix."""
+    ids, mask = left_pad(suffixes, pad_id, prefix)
+    ids = ids[:, len(prefix):]  # the prefix itself is in `cache`
+    prefix_len = len(prefix)
     n, width = ids.shape
     extra = sum(len(c) - 1 for c in comps)
     vocab = getattr(text_config(model), "vocab_size", None) or 1 << 18
-    if extra and n * (extra + 1) * vocab <= LOGIT_BUDGET and _fusable(model, prefix_len + width + extra):
-        return _score_fused(model, ids, mask, prefix_len, cache, comps, device, bf16)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    if extra and n * (extra + 1) * vocab <= LOGIT_BUDGET and fusable(model, prefix_len + width + extra):
+        return score_fused(model, ids, mask, prefix_len, cache, comps, device, bf16)
+    positions = positions_of(mask)
     with autocast(bf16, device):
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                     position_ids=positions[:, prefix_len:].to(device), use_cache=True, logits_to_keep=1,
-                    **{_cache_kwarg(model): cache})
+                    **{cache_kwarg(model): cache})
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     scores = first[:, [c[0] for c in comps]].cpu()  # the first answer token, predicted by the prompt's last one
 
@@ -187,7 +121,7 @@ def _score_batch(model, suffixes: list[list[int]], prefix_len: int, cache, comps
     if rest == 0:
         return scores
     # The other answer tokens: one row per (prompt, choice), fed its choice's tokens but the last, right-padded.
-    cache = _cache_of(out)
+    cache = cache_of(out)
     prompt_len = mask.sum(-1)  # each row's real length: the next position to fill
     group = max(1, min(len(comps), LOGIT_BUDGET // (n * rest * vocab)))
     for g0 in range(0, len(comps), group):
@@ -208,14 +142,14 @@ def _score_batch(model, suffixes: list[list[int]], prefix_len: int, cache, comps
         row_pos = prompt_len.repeat_interleave(k)[:, None] + torch.arange(rest)[None, :]
         with autocast(bf16, device):
             logits = model(input_ids=inputs.repeat(n, 1).to(device), attention_mask=row_mask.to(device),
-                           position_ids=row_pos.to(device), use_cache=True, **{_cache_kwarg(model): rows_cache}).logits
+                           position_ids=row_pos.to(device), use_cache=True, **{cache_kwarg(model): rows_cache}).logits
         logp = torch.log_softmax(logits.float(), dim=-1)
         got = logp.gather(-1, targets.repeat(n, 1)[..., None].to(device))[..., 0].cpu() * valid.repeat(n, 1)
         scores[:, members] += got.sum(-1).view(n, k)
     return scores
 
 
-def _score_fused(model, ids, mask, prefix_len: int, cache, comps: list[list[int]], device, bf16: bool) -> torch.Tensor:
+def score_fused(model, ids, mask, prefix_len: int, cache, comps: list[list[int]], device, bf16: bool) -> torch.Tensor:
     """Prompts and all choices in one pass: each prompt row is followed by every choice's tokens (but the last), one
     block per choice, and a 4D mask lets a block see the prompt and its own earlier tokens only (a tree of
     continuations), with positions restarting after the prompt for each block."""
@@ -232,7 +166,7 @@ def _score_fused(model, ids, mask, prefix_len: int, cache, comps: list[list[int]
     eye = torch.arange(width)
     allowed[:, eye, prefix_len + eye] = True  # padding queries see themselves: no row is all masked (NaN-free)
     positions = torch.empty((n, q), dtype=torch.long)
-    positions[:, :width] = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]
+    positions[:, :width] = positions_of(mask)[:, prefix_len:]
     inputs, where = [ids], []
     start = width
     for c, block in zip(comps, blocks):
@@ -244,13 +178,11 @@ def _score_fused(model, ids, mask, prefix_len: int, cache, comps: list[list[int]
         inputs.append(block.expand(n, m))
         where.append((start - width + 1, c[1:]))  # kept-logit index predicting each later token of this choice
         start += m
-    attn = allowed[:, None]
-    if text_config(model)._attn_implementation == "eager":  # eager adds the mask to the scores
-        attn = additive_mask(attn)
+    attn = as_model_mask(model, allowed[:, None])
     with autocast(bf16, device):
         out = model(input_ids=torch.cat(inputs, dim=1).to(device), attention_mask=attn.to(device),
                     position_ids=positions.to(device), use_cache=cache is not None, logits_to_keep=extra + 1,
-                    **{_cache_kwarg(model): cache})
+                    **{cache_kwarg(model): cache})
     logp = torch.log_softmax(out.logits.float(), dim=-1)  # [n, extra + 1, vocab]; index 0: the prompt's last token
     scores = logp[:, 0, [c[0] for c in comps]]
     for j, (offset, later) in enumerate(where):

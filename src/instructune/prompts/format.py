@@ -7,19 +7,20 @@ from dataclasses import dataclass
 from .template import Pair
 
 SHOT_DELIMITER = "\n\n"
+IGNORE = -100  # the label of a position that carries no loss (PyTorch's cross-entropy ignore_index)
 
 
 @dataclass
 class Encoded:
     input_ids: list[int]
-    labels: list[int]  # -100 where no loss is taken (the prompt); the completion and its end token are trained
+    labels: list[int]  # IGNORE where no loss is taken (the prompt); the completion and its end token are trained
     where: str = ""
     seq2seq: bool = False  # encoder-decoder (T5): input_ids is the encoder's prompt, labels the decoder's target
 
     @property
     def n_supervised(self) -> int:
         """Tokens that carry a loss. In a causal LM nothing predicts the first token; a decoder target has no such gap."""
-        return sum(label != -100 for label in (self.labels if self.seq2seq else self.labels[1:]))
+        return sum(label != IGNORE for label in (self.labels if self.seq2seq else self.labels[1:]))
 
 
 class PromptFormat:
@@ -85,7 +86,7 @@ class PromptFormat:
         keep = max_length - len(completion_ids)
         if len(prompt_ids) > keep:  # keep the end of the prompt: it holds the question and the answer cue
             prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep + 1:]
-        return Encoded(prompt_ids + completion_ids, [-100] * len(prompt_ids) + completion_ids, pair.where)
+        return Encoded(prompt_ids + completion_ids, [IGNORE] * len(prompt_ids) + completion_ids, pair.where)
 
     def end_ids(self) -> set[int]:
         """Token ids that end a completion: EOS, and the chat template's end-of-turn token."""

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
 from html import escape
 from pathlib import Path
 
 import yaml
+
+from ..io import atomic_write
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0 auto;max-width:1200px;
@@ -112,7 +113,7 @@ def _figure(draw, chart_id: str, alt: str, caption: str = "", width: float = 7.0
             f'src="data:image/png;base64,{data}">{cap}</figure>')
 
 
-def _primary_chart(tasks: dict) -> str:
+def _primary_chart(tasks: dict, level: str) -> str:
     items = [(n, t) for n, t in tasks.items() if isinstance(t, dict) and t.get("results") and t.get("primary_metric")]
     if not items:
         return ""
@@ -148,11 +149,11 @@ def _primary_chart(tasks: dict) -> str:
     cols = min(3, len(items))
     height = 3.3 * ((len(items) + cols - 1) // cols)
     return _figure(draw, "chart-primary", "primary metric per task: base variants vs fine-tuned",
-                   "Primary metric on the test split. Error bar: 95 % CI of the change vs the best base variant, "
+                   "Primary metric on the test split. Error bar: " + level + " CI of the change vs the best base variant, "
                    "drawn around the fine-tuned score.", width=max(4.5, 3.8 * cols), height=height)
 
 
-def _task_table(name: str, t: dict) -> str:
+def _task_table(name: str, t: dict, level: str) -> str:
     res = t.get("results") or {}
     variants = _variants(res)
     primary, best, modes = t.get("primary_metric"), t.get("best_base"), t.get("modes") or {}
@@ -163,7 +164,7 @@ def _task_table(name: str, t: dict) -> str:
     head = "".join(f'<th class="best" title="best base variant">{_e(_label(v))} ★</th>' if v == best
                    else f"<th>{_e(_label(v))}</th>" for v in variants)
     out = ['<div class="scroll"><table class="metrics"><thead><tr><th class="l">metric</th>', head,
-           "<th>change vs best base (points)</th><th>95 % CI (points)</th><th>p</th></tr>"]
+           f"<th>change vs best base (points)</th><th>{level} CI (points)</th><th>p</th></tr>"]
     if modes:
         out.append('<tr class="mode"><td class="l">mode</td>' + "".join(f"<td>{_e(modes.get(v, ''))}</td>" for v in variants)
                    + "<td></td><td></td><td></td></tr>")
@@ -215,7 +216,7 @@ def _samples(t: dict) -> str:
     return "".join(out)
 
 
-def _task_section(name: str, t: dict, perplexity: dict | None) -> str:
+def _task_section(name: str, t: dict, perplexity: dict | None, level: str) -> str:
     n = t.get("n_test")
     head = ", ".join(x for x in (_e(t.get("type")), f"{n} test examples" if _is_num(n) else "") if x)
     out = [f'<section class="task" id="task-{_e(_slug(name))}"><h2>{_e(name)}</h2>']
@@ -224,7 +225,7 @@ def _task_section(name: str, t: dict, perplexity: dict | None) -> str:
     if "improved" in t:
         out.append('<p><span class="badge good">fine-tuned beats the best base variant</span></p>' if t["improved"]
                    else '<p><span class="badge bad">fine-tuned does not beat the best base variant</span></p>')
-    out.append(_task_table(name, t))
+    out.append(_task_table(name, t, level))
     sigs = t.get("signatures") or {}
     if sigs:
         out.append('<ul class="note">' + "".join(f"<li><code>{_e(m)}</code>: {_e(s)}</li>" for m, s in sigs.items())
@@ -275,7 +276,7 @@ def _training(tr: dict) -> str:
     return "".join(out)
 
 
-def _forgetting(fg) -> str:
+def _forgetting(fg, level: str) -> str:
     tasks = (fg or {}).get("tasks") if isinstance(fg, dict) else None
     if not tasks:
         return ""
@@ -288,7 +289,7 @@ def _forgetting(fg) -> str:
                     f'<td>{_ci(c)}</td><td>{_p(c.get("p_value"))}</td></tr>')
     return ('<section id="forgetting"><h2>Forgetting (held-out tasks)</h2><div class="scroll"><table><thead><tr>'
             '<th class="l">task</th><th class="l">metric</th><th>before</th><th>after</th><th>change (points)</th>'
-            '<th>95 % CI (points)</th><th>p</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table></div></section>")
+            f'<th>{level} CI (points)</th><th>p</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table></div></section>")
 
 
 def _leakage(lk) -> str:
@@ -312,6 +313,8 @@ def _leakage(lk) -> str:
 
 
 def render_html(results: dict, config: dict | None = None) -> str:
+    confidence = (results.get("statistics") or {}).get("confidence")
+    level = f"{100 * confidence:.0f} %" if _is_num(confidence) else "95 %"
     m = results.get("model") or {}
     tasks = {k: v for k, v in (results.get("tasks") or {}).items() if isinstance(v, dict)}
     name = results.get("experiment", "experiment")
@@ -328,13 +331,13 @@ def render_html(results: dict, config: dict | None = None) -> str:
     body = [f"<header><h1>{_e(name)}: base model vs fine-tuned</h1>",
             "".join(f'<p class="meta">{x}</p>' for x in meta if x),
             f"<p><b>Fine-tuned beats the best base variant on the primary metric in {improved} of {len(tasks)} tasks.</b> "
-            "Scores are 0–1 on the same test split; changes and their 95 % confidence intervals are in points (×100). "
+            "Scores are 0–1 on the same test split; changes and their " + level + " confidence intervals are in points (×100). "
             "▲/▼ marks a change whose interval excludes zero.</p></header>"]
     if tasks:
-        body.append('<section id="overview"><h2>Primary metric</h2>' + _primary_chart(tasks) + "</section>")
+        body.append('<section id="overview"><h2>Primary metric</h2>' + _primary_chart(tasks, level) + "</section>")
     perplexity = results.get("perplexity") or {}
-    body += [_task_section(n, t, perplexity.get(n) if isinstance(perplexity, dict) else None) for n, t in tasks.items()]
-    body += [_training(results.get("training")), _forgetting(results.get("forgetting")), _leakage(results.get("leakage"))]
+    body += [_task_section(n, t, perplexity.get(n) if isinstance(perplexity, dict) else None, level) for n, t in tasks.items()]
+    body += [_training(results.get("training")), _forgetting(results.get("forgetting"), level), _leakage(results.get("leakage"))]
     config = config if config is not None else results.get("config")
     if config:
         dump = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
@@ -351,12 +354,7 @@ def render_html(results: dict, config: dict | None = None) -> str:
 
 
 def write_html(results: dict, run_dir, config: dict | None = None) -> Path:
-    """Write `run_dir/report.html` atomically (a temporary file, then `os.replace`); the config defaults to
-    `run_dir/config.yaml`."""
-    run_dir = Path(run_dir)
-    if config is None and (run_dir / "config.yaml").is_file():
-        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    path, tmp = run_dir / "report.html", run_dir / ".report.html.tmp"
-    tmp.write_text(render_html(results, config), encoding="utf-8")
-    os.replace(tmp, path)
+    """Write `run_dir/report.html` atomically; `config` (the resolved experiment config) is shown at the end."""
+    path = Path(run_dir) / "report.html"
+    atomic_write(path, render_html(results, config))
     return path

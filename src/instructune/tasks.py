@@ -1,0 +1,156 @@
+"""The prepared experiment: each task's template, records, rendered pairs and prompt format, checked before anything
+is written; and what is derived from them (data fingerprint, data statistics, the manifest saved with the model)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from .config import ExperimentConfig, TaskConfig
+from .data import Record, detect_shape, read_sources, split_sources
+from .data.leakage import find_leakage
+from .errors import InstructuneError
+from .models import (PRESETS, context_length, is_encoder_decoder, load_tokenizer, resolve_model, use_chat_template,
+                     versions)
+from .prompts import Encoded, Pair, PromptFormat, TaskTemplate, build_task_template
+from .prompts.library import FIELDS
+from .runtime import warn
+
+
+@dataclass
+class Task:
+    """One task, ready: its template, its records and their rendered pairs per split."""
+
+    template: TaskTemplate
+    records: dict[str, list[Record]]
+    pairs: dict[str, list[Pair]]
+    fmt: PromptFormat
+    held_out: bool = False  # a forgetting-check task: never trained on, scored zero-shot before and after
+    leakage: dict | None = None
+    _encoded: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.template.task
+
+    def encoded(self, split: str, max_length: int) -> list[Encoded]:
+        """The split's pairs as training tokens (encoded once, however many stages ask)."""
+        key = (split, max_length)
+        if key not in self._encoded:
+            self._encoded[key] = [self.fmt.encode(p, max_length) for p in self.pairs.get(split, [])]
+        return self._encoded[key]
+
+
+@dataclass
+class Prepared:
+    cfg: ExperimentConfig
+    model_source: str
+    tokenizer: object
+    chat: bool
+    context_length: int
+    tasks: list[Task]
+    held_out: list[Task]
+    seq2seq: bool = False
+
+
+def prepare(cfg: ExperimentConfig) -> Prepared:
+    """Load and check everything that could be bad input (model, data, templates, k-shot supply); writes nothing."""
+    source = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(source, cfg.model)
+    chat = use_chat_template(tokenizer, cfg.model.chat_template)
+    seq2seq = is_encoder_decoder(source, cfg.model)
+    tasks = []
+    for i, tc in enumerate(cfg.tasks):
+        tasks.append(build_task(tc, cfg, PromptFormat(tokenizer, chat, seq2seq=seq2seq), f"tasks.{i}.data ({tc.name})"))
+    held = [build_task(tc, cfg, PromptFormat(tokenizer, chat, seq2seq=seq2seq), f"forgetting.{i}.data ({tc.name})", True)
+            for i, tc in enumerate(cfg.forgetting)]
+    return Prepared(cfg, source, tokenizer, chat, context_length(source, cfg.model), tasks, held, seq2seq)
+
+
+def build_task(tc: TaskConfig, cfg: ExperimentConfig, fmt: PromptFormat, where: str, held_out: bool = False) -> Task:
+    """Read a task's data once, pick its template from the records' shape, split, render the pairs."""
+    sources = read_sources(tc.data)
+    template = build_task_template(tc, detect_shape(next(iter(sources.values()))[0].data), cfg.evaluate.max_new_tokens)
+    label_of = label_getter(template) if tc.type == "classification" else None
+    records = split_sources(sources, tc.data, cfg.seed, label_of, where)
+    if tc.type == "classification" and template.choices is None:
+        template.choices = sorted({label_of(r) for r in records["train"]} - {""})
+    pairs = {split: [template.pair(r) for r in rs] for split, rs in records.items()}
+    if cfg.baseline.enabled and not held_out and len(pairs["train"]) < cfg.baseline.k:
+        raise InstructuneError(f"the training split has {len(pairs['train'])} example(s), too few to supply "
+                               f"the {cfg.baseline.k}-shot examples (baseline.k)", where)
+    fmt = PromptFormat(fmt.tok, fmt.chat, template.separator, fmt.seq2seq)
+    task = Task(template, records, pairs, fmt, held_out)
+    if not held_out:
+        task.leakage = find_leakage([input_text(template, p) for p in pairs["train"]],
+                                    [input_text(template, p) for p in pairs["test"]], cfg.evaluate.leakage_threshold)
+        if task.leakage["exact"] or task.leakage["near"]:
+            warn(f"{task.name}: {task.leakage['exact']} test input(s) also in the training split and "
+                 f"{task.leakage['near']} near duplicate(s) (leakage inflates test scores)")
+    return task
+
+
+def input_text(template: TaskTemplate, pair: Pair) -> str:
+    """The input a test item gives the model, without template boilerplate (for the leakage check)."""
+    if template.template is None:
+        return " ".join(m["content"] for m in pair.messages if m["role"] == "user")
+    inputs = [template.fields.get(f, f) for f in FIELDS[template.type][:-1]]
+    values = [pair.record[f] for f in inputs if f in pair.record]
+    if not values:  # a user template over other field names: every field but the answer
+        answer = template.answer_field()
+        values = [v for k, v in pair.record.items() if k != answer]
+    return " ".join(str(v) for v in values if isinstance(v, (str, int, float)))
+
+
+def label_getter(template: TaskTemplate):
+    """A function of a record: its classification label as a string ("" when it has none)."""
+    field_name = template.answer_field()
+
+    def label_of(record: Record):
+        if template.template is None:
+            return str(record.data.get("completion", record.data.get("output", "")))
+        return str(record.data.get(field_name, ""))
+    return label_of
+
+
+def data_fingerprint(tasks: list[Task]) -> str:
+    h = hashlib.sha256()
+    for t in tasks:
+        for split in ("train", "validation", "test"):
+            for p in t.pairs.get(split, []):
+                h.update(json.dumps([t.name, split, p.messages, p.completion], sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def data_stats(prep: Prepared) -> dict:
+    """Per task: split sizes, token lengths of the training pairs (prompt, completion) and the leakage check."""
+    out = {}
+    for task in prep.tasks:
+        encoded = task.encoded("train", prep.cfg.train.max_length)
+        completion = [e.n_supervised for e in encoded]
+        out[task.name] = {"sizes": {split: len(v) for split, v in task.pairs.items()},
+                          "token_lengths": {"prompt": [len(e.input_ids) - (0 if e.seq2seq else c)
+                                                       for e, c in zip(encoded, completion)],
+                                            "completion": completion},
+                          "leakage": task.leakage}
+    return out
+
+
+def manifest(prep: Prepared, extra: dict) -> dict:
+    """What is saved beside a fine-tuned model: how to render its prompts, what it came from, and how it trained."""
+    cfg = prep.cfg
+    preset = PRESETS.get(cfg.model.name)
+    return {
+        "base_model": prep.model_source,
+        "base_model_hub_id": preset.hub_id if preset else cfg.model.name,
+        "method": cfg.train.method,
+        "chat_template": prep.chat,
+        "encoder_decoder": prep.seq2seq,
+        "tasks": {t.name: t.template.to_dict() for t in prep.tasks},
+        "held_out_tasks": {t.name: t.template.to_dict() for t in prep.held_out},
+        "data_fingerprint": data_fingerprint(prep.tasks),
+        "config": cfg.model_dump(mode="json"),
+        "versions": versions(),
+        **extra,
+    }
