@@ -1,16 +1,26 @@
-"""The `instructune` command: parses, calls the Python API, prints. Bad input ends with a message and exit status 2."""
+"""The `instructune` command: parses, calls the Python API, prints. Every failure ends in one line and an exit
+status (EXIT_HELP), never in a traceback."""
 
 from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import time
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from .errors import InstructuneError
+from .errors import EXIT_INTERRUPTED, EXIT_OTHER, InstructuneError
+
+EXIT_HELP = ("Exit status: 0 done; 2 bad input (the message names the file:line or config key; nothing is written); "
+             "3 training diverged (no model, evaluation or report is written; the last checkpoint is kept); "
+             "130 interrupted (Ctrl-C or SIGTERM; the unfinished stage is marked so, rerun it); 1 a file-system fault "
+             "(disk full, read-only, permission denied: the message names the path) or an internal error (a one-line "
+             "summary and where the full traceback was written).")
 
 app = typer.Typer(
     help="Instruction fine-tuning from baseline to report.\n\n"
@@ -18,7 +28,7 @@ app = typer.Typer(
          "measures the base model zero-, one- and k-shot on the test split, fine-tunes it (LoRA or full) on the "
          "training split with loss on completion tokens only, evaluates the result the same way and writes "
          "results.json and report.md in the run folder (runs/<name>).\n\n"
-         "Example: instructune run configs/demo.yaml --set train.epochs=1",
+         "Example: instructune run configs/demo.yaml --set train.epochs=1\n\n" + EXIT_HELP,
     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Look at the instruction data a config makes.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -28,21 +38,69 @@ RESUME_HELP = ("continue an interrupted training from runs/<name>/checkpoint (wr
 SET_HELP = "Override a config key, e.g. --set train.epochs=1 --set tasks.0.data.max_test=20 (repeatable)."
 
 
+_RUN_DIR: list[Path] = []  # the run folder of the command, once its config is loaded (for error.log)
+
+
 def handles_errors(fn):
+    """One line and the documented exit status for every way a command can fail (see EXIT_HELP)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
         except InstructuneError as e:
-            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2)
+            _fail(f"error: {e}", e.exit_status)
+        except KeyboardInterrupt:
+            _fail("interrupted: the unfinished stage is marked unfinished in run_status.json; rerun the command",
+                  EXIT_INTERRUPTED)
+        except OSError as e:
+            where = e.filename or "file system"
+            _fail(f"error: {where}: {e.strerror or e}", EXIT_OTHER)
+        except Exception as e:  # an internal error: a summary here, the traceback in a file
+            _fail(f"internal error: {type(e).__name__}: {str(e)[:300]} (full traceback: {_write_traceback()})",
+                  EXIT_OTHER)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            from .rundir import release
+
+            release()
     return wrapper
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _fail(message: str, status: int):
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(status)
+
+
+def _write_traceback() -> Path:
+    """The traceback of the error being handled, in the run folder's error.log (or the cache folder's logs)."""
+    from .models import cache_dir
+    from .rundir import MARKER
+
+    folder = _RUN_DIR[-1] if _RUN_DIR and (_RUN_DIR[-1] / MARKER).is_file() else cache_dir() / "logs"
+    path = folder / ("error.log" if folder != cache_dir() / "logs" else f"error-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} instructune {' '.join(sys.argv[1:])}\n")
+            f.write(traceback.format_exc())
+    except OSError:
+        return Path("(could not be written)")
+    return path
 
 
 def _config(path: Path, overrides: list[str] | None):
     from .config import load_config
 
-    return load_config(path, overrides or [])
+    cfg = load_config(path, overrides or [])
+    _RUN_DIR.append(cfg.run_dir())
+    return cfg
 
 
 @app.command()
@@ -64,10 +122,11 @@ def run(config: Path = typer.Argument(..., help="experiment YAML"),
 @handles_errors
 def baseline(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP)):
     """Measure the base model zero-shot, one-shot and k-shot on the test split (writes baseline.json)."""
-    from .experiment import run_baseline, start_run
+    from .experiment import check_run_folder, run_baseline, start_run
     from .tasks import prepare
 
     cfg = _config(config, set_)
+    check_run_folder(cfg)
     prep = prepare(cfg)
     run_baseline(prep, start_run(cfg, prep))
 
@@ -77,12 +136,13 @@ def baseline(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set
 def train(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
           resume: bool = typer.Option(False, help=RESUME_HELP)):
     """Fine-tune on the training split (writes model/ with the adapter or weights, tokenizer and manifest)."""
-    from .experiment import run_train, start_run
+    from .experiment import check_run_folder, run_train, start_run
     from .runtime import check_launcher
     from .tasks import prepare
 
     check_launcher()
     cfg = _config(config, set_)
+    check_run_folder(cfg)
     prep = prepare(cfg)
     out = run_train(prep, start_run(cfg, prep), resume)
     typer.echo(f"model written to {out}")
@@ -92,22 +152,24 @@ def train(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", 
 @handles_errors
 def evaluate(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP)):
     """Evaluate the fine-tuned model of the run on the test split (writes finetuned.json)."""
-    from .experiment import run_evaluate
+    from .experiment import output_key, run_evaluate
+    from .rundir import existing
     from .tasks import prepare
 
     cfg = _config(config, set_)
     prep = prepare(cfg)
-    run_evaluate(prep, cfg.run_dir())
+    run_evaluate(prep, existing(cfg.run_dir(), output_key(cfg)))
 
 
 @app.command()
 @handles_errors
 def report(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP)):
     """Write results.json and report.md from what the earlier stages wrote."""
-    from .report import write_report
+    from .experiment import output_key, report as write_report
+    from .rundir import existing
 
     cfg = _config(config, set_)
-    _summary(write_report(cfg.run_dir(), cfg), cfg.run_dir())
+    _summary(write_report(existing(cfg.run_dir(), output_key(cfg)), cfg), cfg.run_dir())
 
 
 @data_app.command("preview")
@@ -183,43 +245,47 @@ def generate(text: str = typer.Argument(..., help="the input: plain text for the
              model: Path = typer.Option(..., "--model", help="a run folder or its model/ folder"),
              task: Optional[str] = typer.Option(None, help="task name (needed when the model learned several)"),
              max_new_tokens: Optional[int] = typer.Option(None)):
-    """Answer with a fine-tuned model, rendering the prompt with the template it was trained with."""
+    """Answer one input with a fine-tuned model, rendering the prompt with the template it was trained with."""
     from .evaluate.generate import generate as run_generate
     from .models import load_finetuned
-    from .prompts import PromptFormat, TaskTemplate
-    from .prompts.library import FIELDS
+    from .predict import prompt_format, record_from_text, task_template
 
     model_obj, tokenizer, meta = load_finetuned(model)
-    tasks = meta["tasks"]
-    if task is None:
-        if len(tasks) > 1:
-            raise InstructuneError(f"this model learned several tasks; choose one with --task: {sorted(tasks)}", "--task")
-        task = next(iter(tasks))
-    if task not in tasks:
-        raise InstructuneError(f"unknown task {task!r}; this model learned {sorted(tasks)}", "--task")
-    template = TaskTemplate.from_dict(tasks[task])
-    record = _record_from_text(text, template, FIELDS)
-    fmt = PromptFormat(tokenizer, meta["chat_template"], template.separator, meta.get("encoder_decoder", False))
-    prompt = fmt.prompt_text(template.prompt_only(record))
+    template = task_template(meta, task)
+    fmt = prompt_format(tokenizer, meta, template)
+    prompt = fmt.prompt_text(template.prompt_only(record_from_text(text, template)))
     typer.echo(run_generate(model_obj, fmt, [prompt], max_new_tokens or template.max_new_tokens)[0])
 
 
-def _record_from_text(text: str, template, fields):
-    from .data.load import Record
+@app.command()
+@handles_errors
+def predict(model: Path = typer.Argument(..., help="a run folder or its model/ folder"),
+            input: Path = typer.Option(..., "--input", help="records to label: JSONL, JSON, CSV or Parquet, with the "
+                                       "fields the task's template reads (the same field names as in training)"),
+            output: Optional[Path] = typer.Option(None, help="a .jsonl or .csv file (default: INPUT.predictions.jsonl)"),
+            task: Optional[str] = typer.Option(None, help="task name (needed when the model learned several)"),
+            batch_size: int = typer.Option(32, help="prompts per batch"),
+            max_new_tokens: Optional[int] = typer.Option(None, help="default: the task's"),
+            overwrite: bool = typer.Option(False, help="replace an existing output file")):
+    """Predict for every record of a file: one output record per input, in order, with the input's fields and
+    `prediction` (classification: also `label` and its `probability` among the choices, by likelihood)."""
+    from .predict import predict_file
 
-    stripped = text.strip()
-    if stripped.startswith("{"):
-        try:
-            return Record(json.loads(stripped), "TEXT")
-        except json.JSONDecodeError as e:
-            raise InstructuneError(f"looks like JSON but is not valid ({e.msg})", "TEXT") from None
-    if template.template is None:
-        return Record({"prompt": text, "completion": ""}, "TEXT")
-    needed = fields[template.type][:-1]
-    if len(needed) > 1:
-        raise InstructuneError(f"a {template.type} task needs a JSON record with {list(needed)}", "TEXT")
-    var = needed[0]
-    return Record({template.fields.get(var, var): text}, "TEXT")
+    out, n = predict_file(model, input, output, task, batch_size, max_new_tokens, overwrite)
+    typer.echo(f"{n} predictions written to {out}")
+
+
+@app.command()
+@handles_errors
+def chat(model: Path = typer.Argument(..., help="a run folder or its model/ folder"),
+         task: Optional[str] = typer.Option(None, help="render each message through this task's training prompt "
+                                            "(no memory across turns) instead of free multi-turn chat"),
+         max_new_tokens: int = typer.Option(256, help="longest reply")):
+    """Chat with a fine-tuned model in the terminal (its chat template, multi-turn, streamed).
+    /reset starts over, /exit or Ctrl-D quits, Ctrl-C stops a reply."""
+    from .chat import chat as run_chat
+
+    run_chat(model, task, max_new_tokens, write=lambda *a, **k: print(*a, **k))
 
 
 @app.command()

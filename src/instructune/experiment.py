@@ -2,7 +2,8 @@
 
 Each stage reads what earlier stages wrote in the run folder, so `instructune baseline/train/evaluate/report`
 can run one at a time. Everything that can fail on bad input (config, data, templates, k-shot supply, model
-path) is checked by `prepare` before the run folder is created."""
+path, the run folder itself) is checked before the run folder is created or changed. Each stage records what it
+was made from (`rundir.begin`/`finish`); redoing a stage first removes what depended on it."""
 
 from __future__ import annotations
 
@@ -15,41 +16,97 @@ from .config import ExperimentConfig
 from .errors import InstructuneError
 from .evaluate.score import answer, primary, score, validation_scorer
 from .io import atomic_write, write_json
+from . import rundir
 from .models import count_parameters, load_finetuned, load_for_inference, save_model, training_model
 from .prompts import Pair, PromptFormat, TaskTemplate
 from .prompts.shots import kshot_prompts
 from .report import write_report
-from .runtime import distributed, say
-from .tasks import Prepared, data_stats, manifest, prepare
+from .runtime import distributed, is_main_process, say
+from .tasks import Prepared, data_fingerprint, data_stats, manifest, prepare
 from .train.audit import audit_masking
-from .train.checkpoint import has_checkpoint
+from .train.checkpoint import newest_checkpoint
 from .train.loop import train
 from .train.loss import perplexity
 
 
 def run(cfg: ExperimentConfig, resume: bool = False) -> dict:
-    """The whole protocol. With `resume`, a finished baseline is kept and training continues from its checkpoint."""
+    """The whole protocol. With `resume`, a finished baseline made from the same inputs is kept and training
+    continues from its checkpoint."""
+    check_run_folder(cfg)
     prep = prepare(cfg)
     run_dir = start_run(cfg, prep)
-    if cfg.baseline.enabled and not (resume and (run_dir / "baseline.json").is_file()):
-        run_baseline(prep, run_dir)
-    run_train(prep, run_dir, resume)
-    run_evaluate(prep, run_dir)
-    return write_report(run_dir, cfg)
+    try:
+        if cfg.baseline.enabled and not (resume and _current(run_dir, "baseline", baseline_inputs(prep))):
+            run_baseline(prep, run_dir)
+        run_train(prep, run_dir, resume)
+        run_evaluate(prep, run_dir)
+        return report(run_dir, cfg)
+    finally:
+        rundir.release()
 
 
 def start_run(cfg: ExperimentConfig, prep: Prepared) -> Path:
-    """Create the run folder (only once `prepare` found no bad input); record the resolved config and data stats."""
-    run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    write_json(run_dir / "data_stats.json", data_stats(prep))
+    """Create (or reuse) the run folder, only once `prepare` found no bad input, and lock it for this command;
+    record the resolved config and data stats."""
+    run_dir = rundir.create(cfg.run_dir(), output_key(cfg))
+    if is_main_process():
+        atomic_write(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        write_json(run_dir / "data_stats.json", data_stats(prep))
     return run_dir
+
+
+def check_run_folder(cfg: ExperimentConfig) -> None:
+    """Refuse a run folder instructune must not write into before anything is loaded (`start_run` checks again)."""
+    if is_main_process():
+        rundir.check_output_dir(cfg.run_dir(), output_key(cfg))
+
+
+def output_key(cfg: ExperimentConfig) -> str:
+    """The config key that names the run folder (for messages about it)."""
+    return "output_dir" if cfg.output_dir else "name"
+
+
+# What each stage is made from: when any of it changes, the stage's output is no longer a result of this config.
+def baseline_inputs(prep: Prepared) -> dict:
+    return {"data": data_fingerprint(prep.tasks + prep.held_out), "model": _model_identity(prep),
+            "config": _baseline_config(prep.cfg)}
+
+
+def train_inputs(prep: Prepared) -> dict:
+    return {"data": data_fingerprint(prep.tasks), "model": _model_identity(prep), "config": _train_config(prep.cfg)}
+
+
+def evaluate_inputs(prep: Prepared, trained_by: str) -> dict:
+    return {"data": data_fingerprint(prep.tasks + prep.held_out), "model": trained_by,
+            "config": _answer_settings(prep.cfg)}
+
+
+def _model_identity(prep: Prepared) -> dict:
+    return {"source": prep.model_source, **prep.cfg.model.model_dump(mode="json")}
+
+
+def _baseline_config(cfg: ExperimentConfig) -> dict:
+    return {"seed": cfg.seed, "baseline": cfg.baseline.model_dump(mode="json"), "answers": _answer_settings(cfg)}
+
+
+def _train_config(cfg: ExperimentConfig) -> dict:
+    train = cfg.train.model_dump(mode="json", exclude={"save_every", "tensorboard"})
+    return {"seed": cfg.seed, "train": train, "max_new_tokens": cfg.evaluate.max_new_tokens}
+
+
+def _answer_settings(cfg: ExperimentConfig) -> dict:
+    return cfg.evaluate.model_dump(mode="json", include={"batch_size", "bf16", "max_new_tokens", "classification_mode"})
+
+
+def _current(run_dir: Path, stage: str, inputs: dict) -> bool:
+    record = rundir.status(run_dir)["stages"].get(stage)
+    return bool(record and record.get("complete") and record["inputs"] == inputs)
 
 
 # -- 1. baselines: the base model zero-, one- and k-shot on the test split ------------------------------------------
 def run_baseline(prep: Prepared, run_dir: Path) -> dict:
     cfg = prep.cfg
+    rundir.begin(run_dir, "baseline", baseline_inputs(prep))
     model = load_for_inference(prep.model_source, cfg.model)
     results = {}
     for task in prep.tasks + prep.held_out:
@@ -63,6 +120,7 @@ def run_baseline(prep: Prepared, run_dir: Path) -> dict:
         if not task.held_out and task.pairs.get("validation"):
             results[task.name]["perplexity"] = _perplexity(model, task.fmt, task.pairs["validation"], cfg)
     write_json(run_dir / "baseline.json", results)
+    rundir.finish(run_dir, "baseline")
     return results
 
 
@@ -71,6 +129,10 @@ def run_train(prep: Prepared, run_dir: Path, resume: bool = False) -> Path:
     import torch
 
     cfg = prep.cfg
+    checkpoint = run_dir / "checkpoint"
+    inputs = train_inputs(prep)
+    if is_main_process():
+        train_id = rundir.begin(run_dir, "train", inputs, keep=("train_log.jsonl", "tensorboard") if resume else ())
     torch.manual_seed(cfg.seed)
     model = training_model(prep.model_source, cfg.model, cfg.train)  # a fresh copy: the baseline's is never touched
     trainable, total = count_parameters(model)
@@ -80,8 +142,7 @@ def run_train(prep: Prepared, run_dir: Path, resume: bool = False) -> Path:
     audit = audit_masking(train_set, set().union(*(t.fmt.end_ids() for t in prep.tasks)), "train split")
     say(f"masking audit: {audit['supervised_tokens']:,} of {audit['tokens']:,} tokens supervised "
         f"({100 * audit['supervised_share']:.1f} %), end-of-sequence supervised in every example")
-    checkpoint = run_dir / "checkpoint"
-    if resume and not has_checkpoint(checkpoint):
+    if resume and not newest_checkpoint(checkpoint):
         say("no checkpoint to resume from: training from the start")
     scorer = None
     if cfg.train.eval_metric:
@@ -89,15 +150,18 @@ def run_train(prep: Prepared, run_dir: Path, resume: bool = False) -> Path:
                                     for t in prep.tasks], cfg.evaluate.batch_size, cfg.train.bf16)
     log = train(model, train_set, val_set, cfg.train, prep.tokenizer.pad_token_id, cfg.seed,
                 log_path=run_dir / "train_log.jsonl", checkpoint_dir=checkpoint, resume=resume,
-                tensorboard_dir=run_dir / "tensorboard" if cfg.train.tensorboard else None, score_fn=scorer)
+                tensorboard_dir=run_dir / "tensorboard" if cfg.train.tensorboard else None, score_fn=scorer,
+                checkpoint_meta=inputs)
     _say_kept_step(cfg, log)
     out = run_dir / "model"
     if distributed()[0] > 0:
         return out  # process 0 saves
     save_model(model, prep.tokenizer, out, manifest(prep, {
-        "audit": audit, "final_loss": log[-1]["loss"] if log else None,
+        "audit": audit, "final_loss": log[-1]["loss"] if log else None, "train_id": train_id,
         "trainable_parameters": trainable, "total_parameters": total}))
-    shutil.rmtree(checkpoint, ignore_errors=True)  # the finished model replaces it
+    for folder in (checkpoint, run_dir / "checkpoint.old"):  # the finished model replaces them
+        shutil.rmtree(folder, ignore_errors=True)
+    rundir.finish(run_dir, "train")
     return out
 
 
@@ -112,6 +176,8 @@ def _say_kept_step(cfg: ExperimentConfig, log: list[dict]) -> None:
 # -- 3. evaluation: the fine-tuned model on the same test split, rendered exactly as in training -----------------
 def run_evaluate(prep: Prepared, run_dir: Path) -> dict:
     cfg = prep.cfg
+    trained = rundir.require(run_dir, "train", train_inputs(prep))
+    rundir.begin(run_dir, "evaluate", evaluate_inputs(prep, trained["id"]))
     model, tokenizer, meta = load_finetuned(run_dir / "model")
     results = {}
     for task in prep.tasks + prep.held_out:
@@ -128,6 +194,7 @@ def run_evaluate(prep: Prepared, run_dir: Path) -> dict:
             results[task.name]["perplexity"] = _perplexity(model, fmt, [saved.pair(r) for r in task.records["validation"]], cfg)
         say(f"{task.name}: fine-tuned {primary(task.template, results[task.name]['finetuned'])}")
     write_json(run_dir / "finetuned.json", results)
+    rundir.finish(run_dir, "evaluate")
     return results
 
 
@@ -135,3 +202,18 @@ def _perplexity(model, fmt: PromptFormat, pairs: list[Pair], cfg: ExperimentConf
     """On the first `train.max_validation` validation pairs, as rendered for training."""
     encoded = [fmt.encode(p, cfg.train.max_length) for p in pairs[: cfg.train.max_validation]]
     return perplexity(model, encoded, fmt.tok.pad_token_id, cfg.evaluate.batch_size, cfg.evaluate.bf16)
+
+
+# -- 4. report: only from stage outputs made from one config, data and model ------------------------------------
+def report(run_dir: Path, cfg: ExperimentConfig) -> dict:
+    """results.json, report.md and report.html, refused when a stage's output is missing, unfinished or was made
+    from other inputs than the others (it names the stage to rerun)."""
+    trained = rundir.require(run_dir, "train", {"config": _train_config(cfg)})
+    evaluated = rundir.require(run_dir, "evaluate", {"model": trained["id"], "config": _answer_settings(cfg)})
+    if cfg.baseline.enabled:
+        rundir.require(run_dir, "baseline", {"data": evaluated["inputs"]["data"], "model": trained["inputs"]["model"],
+                                             "config": _baseline_config(cfg)})
+    rundir.begin(run_dir, "report", {"train": trained["id"], "evaluate": evaluated["id"]})
+    results = write_report(run_dir, cfg)
+    rundir.finish(run_dir, "report")
+    return results

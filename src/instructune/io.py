@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -18,12 +19,41 @@ def atomic_write(path: Path, text: str) -> None:
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
+    except OSError as e:  # disk full, read-only: name the file meant, not the temporary one
+        e.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, obj) -> None:
-    atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False))
+    """Strict JSON (no NaN or Infinity tokens): a non-finite number is written as null, and a top-level object
+    lists each such key under `non_finite` with the value it had, so a missing number always says why."""
+    clean, notes = finite(obj)
+    if notes and isinstance(clean, dict):
+        clean["non_finite"] = notes
+    atomic_write(path, json.dumps(clean, indent=2, ensure_ascii=False, allow_nan=False))
+
+
+def finite(obj, where: str = "") -> tuple[object, dict[str, str]]:
+    """`obj` with every non-finite float replaced by None, and {dotted key: "nan" / "inf" / "-inf"} of those."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None, {where or ".": repr(obj)}
+    notes: dict[str, str] = {}
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out[k], more = finite(v, f"{where}.{k}" if where else str(k))
+            notes.update(more)
+        return out, notes
+    if isinstance(obj, (list, tuple)):
+        out = []
+        for i, v in enumerate(obj):
+            item, more = finite(v, f"{where}.{i}" if where else str(i))
+            out.append(item)
+            notes.update(more)
+        return out, notes
+    return obj, notes
 
 
 def read_json(path: Path) -> dict:
@@ -33,13 +63,15 @@ def read_json(path: Path) -> dict:
 
 
 @contextlib.contextmanager
-def replaced_folder(target: Path):
+def replaced_folder(target: Path, keep_old: bool = False):
     """A temporary sibling folder to write into; once the block ends without error it replaces `target` whole.
 
-    The old folder is renamed aside (`<name>.old`) before the new one moves in and removed after, so a kill at any
-    moment leaves one complete folder: the new one, the old one, or the old one as `<name>.old`."""
+    The old folder is renamed aside (`<name>.old`) before the new one moves in, so a kill at any moment leaves one
+    complete folder: the new one, the old one, or the old one as `<name>.old`. `<name>.old` is then removed, or, with
+    `keep_old`, kept as the previous complete copy (checkpoints: if the newest is damaged, the one before it)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
@@ -48,6 +80,17 @@ def replaced_folder(target: Path):
             shutil.rmtree(old, ignore_errors=True)  # a stale copy: `target` is the complete one
             os.replace(target, old)
         os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        if not keep_old:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        e.filename = e.filename or str(target)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_temporaries(target: Path) -> None:
+    """Temporary folders a killed writer of `target` left behind (`.<name>.XXXX`, made by `replaced_folder`)."""
+    for stale in Path(target).parent.glob(f".{Path(target).name}.*"):
+        if stale.is_dir() and stale.name != f".{Path(target).name}.old":
+            shutil.rmtree(stale, ignore_errors=True)

@@ -27,6 +27,11 @@ def check_launcher() -> None:
                                    "launch with `accelerate launch --multi_gpu` or `torchrun` instead", f"{key}={os.environ[key]}")
 
 
+def is_main_process() -> bool:
+    """Process 0 of a launch (`torchrun`/`accelerate launch` set RANK), or a plain run: the one that writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def distributed() -> tuple[int, int]:
     """(process index, process count). Under `accelerate launch --multi_gpu` or `torchrun` (which set WORLD_SIZE,
     RANK and the rendezvous address) the process group is created here: NCCL on GPUs, gloo on CPUs. A plain run is

@@ -1,43 +1,80 @@
-"""Checkpoints for exact resume: trainable weights (safetensors), optimizer, scheduler, RNG and data position."""
+"""Checkpoints for exact resume: trainable weights (safetensors), optimizer, scheduler, RNG and data position, and
+what they belong to (config, data, base model, trainable shapes), checked before anything is restored."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
+from ..errors import InstructuneError
 from ..io import replaced_folder
+from ..rundir import differences
 
 
-def save_checkpoint(folder: Path, named, optimizer, scheduler, state: dict, best_weights: dict | None = None) -> None:
-    """Written into a temporary folder that then replaces `folder` whole: a kill at any point leaves either the
-    old or the new checkpoint complete."""
+def save_checkpoint(folder: Path, named, optimizer, scheduler, state: dict, best_weights: dict | None = None,
+                    meta: dict | None = None) -> None:
+    """Written into a temporary folder that then replaces `folder` whole; the previous checkpoint is kept as
+    `<folder>.old`, so a kill at any point, or a damaged newest checkpoint, leaves a complete one to resume from."""
     from safetensors.torch import save_file
 
-    with replaced_folder(folder) as tmp:
+    with replaced_folder(folder, keep_old=True) as tmp:
         save_file({n: p.detach().contiguous() for n, p in named}, str(tmp / "trainable.safetensors"))
         if best_weights is not None:
             save_file({n: w.contiguous() for n, w in best_weights.items()}, str(tmp / "best.safetensors"))
         torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({**(meta or {}), "step": state["step"]}, indent=1, default=str))
+
+
+def newest_checkpoint(folder: Path | None) -> Path | None:
+    """The checkpoint to resume from: `folder`, or `<folder>.old` when a kill came between the two renames."""
+    if folder is None:
+        return None
+    for candidate in (Path(folder), Path(folder).with_name(Path(folder).name + ".old")):
+        if (candidate / "state.pt").is_file():
+            return candidate
+    return None
+
+
+def check_meta(folder: Path, meta: dict) -> None:
+    """Refuse to resume a checkpoint that belongs to another training: list every key that differs."""
+    try:
+        saved = json.loads((folder / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise _damaged(folder, f"meta.json unreadable ({e})") from None
+    differ = differences(saved, meta)
+    if differ:
+        raise InstructuneError("this checkpoint belongs to another training; these differ from it: " + "; ".join(differ)
+                               + ". Train from the start (without --resume) or restore the settings", str(folder))
 
 
 def load_checkpoint(folder: Path, named, optimizer, scheduler) -> tuple[dict, dict | None]:
-    """Restore weights, optimizer, scheduler and RNG; returns the saved state and the best weights (if kept)."""
+    """Restore weights, optimizer, scheduler and RNG; returns the saved state and the best weights (if kept).
+    A damaged file is named, with the older complete checkpoint offered when there is one."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    weights = load_file(str(folder / "trainable.safetensors"))
+    try:
+        weights = load_file(str(folder / "trainable.safetensors"))
+        state = torch.load(folder / "state.pt", weights_only=True)  # written by instructune; no pickled code runs
+        best = load_file(str(folder / "best.safetensors")) if (folder / "best.safetensors").is_file() else None
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as e:
+        raise _damaged(folder, f"{type(e).__name__}: {str(e)[:200]}") from None
     with torch.no_grad():
         for n, p in named:
             p.copy_(weights[n])
-    state = torch.load(folder / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
-    best = folder / "best.safetensors"
-    return state, load_file(str(best)) if best.is_file() else None
+    return state, best
 
 
-def has_checkpoint(folder: Path | None) -> bool:
-    return folder is not None and (Path(folder) / "state.pt").is_file()
+def _damaged(folder: Path, why: str) -> InstructuneError:
+    old = folder.with_name(folder.name + ".old")
+    offer = ""
+    if folder != old and (old / "state.pt").is_file():
+        offer = f"; the previous complete checkpoint is {old}: delete {folder} to resume from it"
+    return InstructuneError(f"the checkpoint is damaged or truncated ({why}){offer}", str(folder))

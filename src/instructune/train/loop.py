@@ -15,26 +15,29 @@ from tqdm.auto import tqdm
 
 from ..attention import attention_window, takes_4d_mask
 from ..config import TrainConfig
+from ..errors import TrainingDiverged
 from ..io import atomic_write
 from ..prompts.format import Encoded
 from ..runtime import autocast, distributed, grouped_kv_heads
 from .batching import length_grouped_batches, split_by_tokens
-from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import check_meta, load_checkpoint, newest_checkpoint, save_checkpoint
 from .collate import collate
 from .loss import completion_loss_sum, to_device, validation_loss
 
 
 def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainConfig, pad_id: int, seed: int, *,
           log_path: Path | None = None, checkpoint_dir: Path | None = None, resume: bool = False,
-          tensorboard_dir: Path | None = None, score_fn=None) -> list[dict]:
+          tensorboard_dir: Path | None = None, score_fn=None, checkpoint_meta: dict | None = None) -> list[dict]:
     """Supervised fine-tuning on completion tokens; returns the log (one dict per optimizer step).
 
     Each optimizer step takes `batch_size * grad_accum` examples grouped by length and splits them into
     `grad_accum` micro-batches, and a micro-batch of long examples further into passes of at most `pass_tokens`
     padded tokens; the loss is normalised by the supervised tokens of the whole step, so accumulation (and
     splitting) gives the same update as one big batch. With `checkpoint_dir`, a checkpoint (trainable weights,
-    optimizer, scheduler, RNG, data position) is written atomically every `save_every` steps; `resume` continues
-    from it exactly, and the log is cut back to the checkpoint's step.
+    optimizer, scheduler, RNG, data position, and `checkpoint_meta`: what it belongs to) is written atomically every
+    `save_every` steps; `resume` continues from it exactly, after checking it belongs to this training, and the log
+    is cut back to the checkpoint's step. A non-finite loss or gradient norm stops training (`TrainingDiverged`)
+    before the weights are updated, leaving the last checkpoint as it was.
 
     At each validation, `score_fn(model) -> float` (higher is better; e.g. the task metric by generation on a fixed
     validation subsample) is logged as `val_metric`; it (or else the validation loss) decides the best step, early
@@ -48,39 +51,65 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         plan = Plan(train_set, cfg, pad_id, seed, world, attention_window(model), takes_4d_mask(model))
         optimizer, scheduler = make_optimizer([p for _, p in named], cfg, plan.total_steps, device)
-        best = Best(cfg)
-        progress = {"step": 0, "tokens": 0, "elapsed": 0.0}
-        if resume and has_checkpoint(checkpoint_dir):
-            state, best.weights = load_checkpoint(checkpoint_dir, named, optimizer, scheduler)
-            progress = {k: state[k] for k in progress}
+        best, progress = Best(cfg), Progress()
+        meta = {**(checkpoint_meta or {}), "total_steps": plan.total_steps, "processes": world,
+                "trainable": {n: list(p.shape) for n, p in named}}
+        if resume and (found := newest_checkpoint(checkpoint_dir)):
+            check_meta(found, meta)
+            state, best.weights = load_checkpoint(found, named, optimizer, scheduler)
+            progress.restore(state)
             best.state = state.get("best", best.state)
-        log = TrainLog(log_path if rank == 0 else None, tensorboard_dir if rank == 0 else None, progress["step"], resume)
+        log = TrainLog(log_path if rank == 0 else None, tensorboard_dir if rank == 0 else None, progress.step, resume)
         model.train()
-        started = time.perf_counter() - progress["elapsed"]
-        bar = tqdm(total=plan.total_steps, initial=progress["step"], desc="fine-tuning", unit="step",
+        progress.start()
+        bar = tqdm(total=plan.total_steps, initial=progress.step, desc="fine-tuning", unit="step",
                    dynamic_ncols=True, disable=rank > 0)
-        for group in plan.groups(progress["step"]):
+        for group in plan.groups(progress.step):
             loss, tokens = train_step(model, ddp, plan.passes(group, rank, device), world, cfg, device)
-            optimizer_step(named, optimizer, scheduler, cfg.max_grad_norm)
-            step = progress["step"] = progress["step"] + 1
-            progress["tokens"] += tokens
-            progress["elapsed"] = time.perf_counter() - started
-            entry = {"step": step, "epoch": round(step / plan.steps_per_epoch, 3), "loss": loss,
-                     "lr": scheduler.get_last_lr()[0], "tokens": progress["tokens"],
-                     "tokens_per_s": progress["tokens"] / progress["elapsed"]}
-            if val_set and (step % plan.eval_every == 0 or step == plan.total_steps):
+            diverged(progress.step + 1, "loss", loss)
+            optimizer_step(named, optimizer, scheduler, cfg.max_grad_norm, progress.step + 1)
+            entry = progress.advance(loss, tokens, scheduler.get_last_lr()[0], plan.steps_per_epoch)
+            if val_set and plan.validates(entry["step"]):
                 validate(model, val_set, pad_id, cfg, score_fn, entry, best, named)
             log.record(entry)
-            if checkpoint_dir is not None and cfg.save_every and step % cfg.save_every == 0 and step < plan.total_steps:
-                save_checkpoint(checkpoint_dir, named, optimizer, scheduler, {**progress, "best": best.state}, best.weights)
+            if rank == 0 and checkpoint_dir is not None and plan.checkpoints(entry["step"]):
+                save_checkpoint(checkpoint_dir, named, optimizer, scheduler, {**progress.state(), "best": best.state},
+                                best.weights, meta)
             bar.update(1)
             bar.set_postfix({k: f"{entry[k]:.4g}" for k in ("loss", "val_loss", "val_metric", "tokens_per_s") if k in entry})
             if entry.get("early_stop"):
                 break
         bar.close()
         log.close()
-        best.restore(named, progress["step"])
+        best.restore(named, progress.step)
         return log.entries
+
+
+@dataclass
+class Progress:
+    """Where training stands (what a checkpoint saves and resume restores) and the clock for tokens/s."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+    started: float = 0.0
+
+    def restore(self, state: dict) -> None:
+        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+
+    def start(self) -> None:
+        self.started = time.perf_counter() - self.elapsed
+
+    def advance(self, loss: float, tokens: int, lr: float, steps_per_epoch: int) -> dict:
+        """Count one optimizer step; its log entry."""
+        self.step += 1
+        self.tokens += tokens
+        self.elapsed = time.perf_counter() - self.started
+        return {"step": self.step, "epoch": round(self.step / steps_per_epoch, 3), "loss": loss, "lr": lr,
+                "tokens": self.tokens, "tokens_per_s": self.tokens / self.elapsed}
+
+    def state(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed}
 
 
 @dataclass
@@ -103,6 +132,13 @@ class Plan:
         self.steps_per_epoch = math.ceil(len(self.examples) / self.per_step)
         self.total_steps = max(1, math.ceil(self.steps_per_epoch * self.cfg.epochs))
         self.eval_every = self.cfg.eval_every or self.steps_per_epoch
+
+    def validates(self, step: int) -> bool:
+        return step % self.eval_every == 0 or step == self.total_steps
+
+    def checkpoints(self, step: int) -> bool:
+        """A checkpoint every `save_every` steps, but not at the end (the saved model replaces it)."""
+        return bool(self.cfg.save_every) and step % self.cfg.save_every == 0 and step < self.total_steps
 
     def groups(self, step: int) -> Iterator[list[int]]:
         """The global batches from `step` on, one per optimizer step."""
@@ -160,18 +196,28 @@ def train_step(model, ddp, passes: tuple[list[dict], float, int], world: int, cf
     return loss_value, step_tokens
 
 
-def optimizer_step(named, optimizer, scheduler, max_grad_norm: float | None) -> None:
+def optimizer_step(named, optimizer, scheduler, max_grad_norm: float | None, step: int) -> None:
     if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_([p for _, p in named], max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], max_grad_norm)
+        diverged(step, "gradient norm", norm.item())
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def diverged(step: int, what: str, value: float) -> None:
+    """Stop on a loss or gradient norm that is no longer a finite number: nothing after it would be a result."""
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"training diverged at step {step}: the {what} is {value}. Nothing was saved as a model; "
+                               "the last checkpoint (if any) is kept. Lower train.lr (or set train.max_grad_norm) and "
+                               "train again", "train")
 
 
 def validate(model, val_set: list[Encoded], pad_id: int, cfg: TrainConfig, score_fn, entry: dict, best: "Best",
              named) -> None:
     """Validation loss (and `score_fn`'s metric) into `entry`; tracks the best step and early stopping."""
     entry["val_loss"] = validation_loss(model, val_set, pad_id, cfg.batch_size, cfg.bf16)
+    diverged(entry["step"], "validation loss", entry["val_loss"])
     if score_fn is not None:
         entry["val_metric"] = float(score_fn(model))
     score = entry["val_metric"] if score_fn is not None else -entry["val_loss"]

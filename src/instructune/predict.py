@@ -1,0 +1,98 @@
+"""Using a fine-tuned model on new data: the template it was trained with, batch predictions for a file of records."""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+from pathlib import Path
+
+import torch
+
+from .data.load import Record, load_records
+from .errors import InstructuneError
+from .evaluate.generate import generate
+from .evaluate.likelihood import choice_logprobs
+from .io import atomic_write
+from .models import load_finetuned
+from .prompts import PromptFormat, TaskTemplate
+from .prompts.library import FIELDS
+
+
+def task_template(meta: dict, task: str | None) -> TaskTemplate:
+    """The saved template of `task` (or of the model's only task), as the model was trained with it."""
+    tasks = meta["tasks"]
+    if task is None:
+        if len(tasks) > 1:
+            raise InstructuneError(f"this model learned several tasks; choose one with --task: {sorted(tasks)}", "--task")
+        task = next(iter(tasks))
+    if task not in tasks:
+        raise InstructuneError(f"unknown task {task!r}; this model learned {sorted(tasks)}", "--task")
+    return TaskTemplate.from_dict(tasks[task])
+
+
+def prompt_format(tokenizer, meta: dict, template: TaskTemplate) -> PromptFormat:
+    return PromptFormat(tokenizer, meta["chat_template"], template.separator, meta.get("encoder_decoder", False))
+
+
+def record_from_text(text: str, template: TaskTemplate, where: str = "TEXT") -> Record:
+    """A record from one input: a JSON object as it is, or plain text as the task's one input field."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            data = json.loads(stripped)
+        except json.JSONDecodeError as e:
+            raise InstructuneError(f"looks like JSON but is not valid ({e.msg})", where) from None
+        if not isinstance(data, dict):
+            raise InstructuneError("expected a JSON object", where)
+        return Record(data, where)
+    if template.template is None:
+        return Record({"prompt": text, "completion": ""}, where)
+    needed = FIELDS[template.type][:-1]
+    if len(needed) > 1:
+        raise InstructuneError(f"a {template.type} task needs a JSON record with {list(needed)}", where)
+    return Record({template.fields.get(needed[0], needed[0]): text}, where)
+
+
+def predict_file(model_dir: Path, input_path: Path, output: Path | None = None, task: str | None = None,
+                 batch_size: int = 32, max_new_tokens: int | None = None, overwrite: bool = False) -> tuple[Path, int]:
+    """One output record per input record, in input order: the input's fields plus `prediction` (and, for
+    classification, the chosen `label` and its `probability` among the choices, by likelihood). Returns the
+    output path and the number of records."""
+    input_path = Path(input_path)
+    output = Path(output) if output else input_path.with_name(input_path.stem + ".predictions.jsonl")
+    if output.suffix.lower() not in (".jsonl", ".csv"):
+        raise InstructuneError("the output must be a .jsonl or .csv file", f"--output {output}")
+    if output.exists() and not overwrite:
+        raise InstructuneError("exists; choose another --output or pass --overwrite", f"--output {output}")
+    if output.resolve() == input_path.resolve():
+        raise InstructuneError("would overwrite the input file", f"--output {output}")
+    records = load_records(str(input_path))  # bad records fail here or in the template, with file:line
+    model, tokenizer, meta = load_finetuned(model_dir)
+    template = task_template(meta, task)
+    fmt = prompt_format(tokenizer, meta, template)
+    prompts = [fmt.prompt_text(template.prompt_only(r)) for r in records]
+    rows = [dict(r.data) for r in records]
+    if template.type == "classification" and template.choices and not fmt.seq2seq:
+        scores = choice_logprobs(model, fmt, prompts, template.choices, batch_size=batch_size, desc="predicting")
+        probs = torch.softmax(scores, dim=-1)
+        for row, p in zip(rows, probs):
+            best = int(p.argmax())
+            row.update(prediction=template.choices[best], label=template.choices[best], probability=round(float(p[best]), 6))
+    else:
+        preds = generate(model, fmt, prompts, max_new_tokens or template.max_new_tokens, batch_size, desc="predicting")
+        for row, pred in zip(rows, preds):
+            row["prediction"] = pred
+    atomic_write(output, _csv(rows) if output.suffix.lower() == ".csv" else
+                 "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+    return output, len(rows)
+
+
+def _csv(rows: list[dict]) -> str:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for k, v in r.items()})
+    return buf.getvalue()
