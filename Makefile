@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: setup browser demo test clean
+.PHONY: setup browser demo demo-real test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/instructune run configs/demo.yaml
+
+# the real-data experiments (vendored UCI sentiment and SpamAssassin subject lines, data/real/README.md)
+demo-real: setup
+	$(VENV)/bin/instructune run configs/uci-sentiment.yaml
+	$(VENV)/bin/instructune run configs/email-subjects.yaml
 
 # Debian's chromium for the HTML report browser test (Playwright drives it; no `playwright install` downloads)
 browser:

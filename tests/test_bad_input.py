@@ -122,9 +122,18 @@ def test_not_yaml(tmp_path):
     assert code == 2 and "config.yaml:" in out and "YAML" in out
 
 
-@pytest.mark.parametrize("key", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
-def test_an_accelerate_launch_configured_for_sharding_is_refused(tmp_path, tiny_model, monkeypatch, key):
-    monkeypatch.setenv(key, "true")  # what `accelerate launch` sets for an FSDP / DeepSpeed config
+def test_an_accelerate_launch_configured_for_fsdp_takes_the_fsdp_path(monkeypatch):
+    from instructune.runtime import check_launcher
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
+    assert check_launcher() == "fsdp"  # not refused: train.strategy fsdp's path (tests/test_fsdp.py runs one)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert check_launcher() is None
+
+
+def test_an_accelerate_launch_configured_for_deepspeed_is_refused(tmp_path, tiny_model, monkeypatch):
+    key = "ACCELERATE_USE_DEEPSPEED"
+    monkeypatch.setenv(key, "true")  # what `accelerate launch` sets for a DeepSpeed config
     out = fails_cleanly(tmp_path, tiny_config(tmp_path, tiny_model), key, "not supported", "--multi_gpu")
     code, out = run_cli("train", write_config(tmp_path, tiny_config(tmp_path, tiny_model)))
     assert code == 2 and key in out and not (tmp_path / "run").exists()

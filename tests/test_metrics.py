@@ -1,10 +1,10 @@
-"""Task metrics: worked examples pinned to known values and agreement with rouge-score / sacreBLEU."""
+"""Task metrics: worked examples and hand-computed cases pinned to their values."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
-from rouge_score.rouge_scorer import RougeScorer
-from sacrebleu.metrics import BLEU, CHRF
 
 from instructune.evaluate.metrics import (PRIMARY_METRIC, TASK_TYPES, classification_metrics, compute_metrics,
                                           ner_metrics, normalize_answer, parse_choice, parse_entities,
@@ -28,33 +28,37 @@ def test_every_task_has_a_primary_metric_that_compute_metrics_returns():
 # --- ROUGE ----------------------------------------------------------------------------------------------------
 
 def test_rouge_worked_example():
-    s = RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True).score("It is cold outside",
-                                                                            "It is very cold outside")
-    assert (s["rouge1"].recall, s["rouge1"].precision, s["rouge1"].fmeasure) == approx((1.0, 0.8, 0.889), abs=1e-3)
-    assert (s["rouge2"].recall, s["rouge2"].precision, s["rouge2"].fmeasure) == approx((0.667, 0.5, 0.571), abs=1e-3)
-    # ROUGE-L is the longest common *subsequence*: "it is cold outside", length 4 -> 1.0 / 0.8 / 0.889. The course
+    # Reference "It is cold outside", output "It is very cold outside" (instructune reports F-measures):
+    # ROUGE-1: 4 shared unigrams, R 4/4, P 4/5 -> F1 8/9.  ROUGE-2: "it is", "cold outside" shared, R 2/3, P 2/4 ->
+    # F1 4/7.  ROUGE-L is the longest common *subsequence* "it is cold outside" (4) -> 1.0 / 0.8 / 8/9; the course
     # slide's 0.5 / 0.4 / 0.44 counts a longest common *substring* ("it is" or "cold outside", length 2).
-    assert (s["rougeL"].recall, s["rougeL"].precision, s["rougeL"].fmeasure) == approx((1.0, 0.8, 0.889), abs=1e-3)
     ours = summarization_metrics(["It is very cold outside"], ["It is cold outside"])
-    assert ours == approx({"rouge1": 0.889, "rouge2": 0.571, "rougeL": 0.889, "rougeLsum": 0.889}, abs=1e-3)
+    assert ours == approx({"rouge1": 8 / 9, "rouge2": 4 / 7, "rougeL": 8 / 9, "rougeLsum": 8 / 9}, abs=1e-9)
+    assert [round(ours[k], 2) for k in ("rouge1", "rouge2", "rougeL")] == [0.89, 0.57, 0.89]
 
 
 def test_rouge_clips_repeated_unigrams():
-    s = RougeScorer(["rouge1"], use_stemmer=True).score("It is cold outside", "cold cold cold cold")
-    assert s["rouge1"].precision == approx(0.25)  # "cold" counts once, not four times (which would give 1.0)
-    assert summarization_metrics(["cold cold cold cold"], ["It is cold outside"])["rouge1"] == approx(0.25)
+    # "cold" counts once, not four times: unigram P = R = 1/4 (4/4 = 1.0 without clipping); no shared bigram.
+    got = summarization_metrics(["cold cold cold cold"], ["It is cold outside"])
+    assert got == approx({"rouge1": 0.25, "rouge2": 0.0, "rougeL": 0.25, "rougeLsum": 0.25}, abs=1e-9)
 
 
-def test_summarization_is_the_mean_of_rouge_score_f_measures():
+def test_summarization_stems_and_averages_per_example_f_measures():
     preds = ["the cats are sitting on the mat", "stocks fell sharply today", "nothing in common"]
     refs = ["a cat sat on the mat", "stocks dropped sharply on monday", "completely different words"]
-    scorer = RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
-    direct = [scorer.score(r, p) for p, r in zip(preds, refs)]
+    # Porter stems: cats -> cat, sitting -> sit, stocks -> stock, sharply -> sharpli, dropped -> drop.
+    # 1: unigrams the, cat, on, mat shared: P 4/7, R 4/6 -> 8/13 (3/7, 3/6 -> 6/13 without the stemmer); bigrams
+    #    "on the", "the mat": P 2/6, R 2/5 -> 4/11; LCS "cat on the mat" (4) -> 8/13.
+    # 2: stock, sharpli shared: P 2/4, R 2/5 -> 4/9; no shared bigram; LCS 2 -> 4/9.   3: nothing shared -> 0.
     per = per_example_scores("summarization", preds, refs)
-    for k in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
-        assert per[k] == approx([d[k].fmeasure for d in direct])
-        assert summarization_metrics(preds, refs)[k] == approx(sum(per[k]) / 3)
-    assert per["rouge1"][0] == approx(2 * (4 / 7) * (4 / 6) / (4 / 7 + 4 / 6))  # stemmer: cats -> cat; 4 shared
+    rouge1 = [8 / 13, 4 / 9, 0.0]
+    assert per == {"rouge1": approx(rouge1), "rouge2": approx([4 / 11, 0.0, 0.0]), "rougeL": approx(rouge1),
+                   "rougeLsum": approx(rouge1)}  # one line each: rougeLsum is rougeL
+    assert summarization_metrics(preds, refs) == approx({"rouge1": (8 / 13 + 4 / 9) / 3, "rouge2": 4 / 33,
+                                                         "rougeL": (8 / 13 + 4 / 9) / 3,
+                                                         "rougeLsum": (8 / 13 + 4 / 9) / 3})
+    notes = compute_metrics("summarization", preds, refs)[1]
+    assert set(notes) == {"rouge1", "rouge2", "rougeL", "rougeLsum"} and "use_stemmer=True" in notes["rougeL"]
 
 
 # --- BLEU / chrF ----------------------------------------------------------------------------------------------
@@ -66,35 +70,53 @@ BLEU_CANDIDATES = ["I am very happy that I am drinking a cup of tea.",
 
 
 def test_bleu_course_example_with_sacrebleu_13a_tokenizer():
-    # sacreBLEU defaults (13a splits off the final "."); every n-gram order has a match, so smoothing and
-    # effective order do not change these.
-    scores = [BLEU(effective_order=True).sentence_score(c, [BLEU_REF]).score / 100 for c in BLEU_CANDIDATES]
-    assert [round(s, 3) for s in scores] == [0.539, 0.750, 0.772]
-    assert [round(s, 3) for s in per_example_scores("translation", BLEU_CANDIDATES, [BLEU_REF] * 3)["bleu"]] == \
-        [0.539, 0.750, 0.772]
-    for c, s in zip(BLEU_CANDIDATES, scores):
-        assert translation_metrics([c], [BLEU_REF])["bleu"] == approx(s)  # one sentence: corpus == sentence
+    # The 13a tokenizer splits off the final "."; every n-gram order has a match, so smoothing and effective order
+    # do not change these, and one sentence's corpus BLEU is its sentence BLEU.
+    per = per_example_scores("translation", BLEU_CANDIDATES, [BLEU_REF] * 3)["bleu"]
+    assert [round(s, 3) for s in per] == [0.539, 0.750, 0.772]
+    assert [round(translation_metrics([c], [BLEU_REF])["bleu"], 3) for c in BLEU_CANDIDATES] == [0.539, 0.750, 0.772]
 
 
 def test_bleu_course_example_with_whitespace_tokens():
-    # The same sentences split on whitespace only ("tea." is one token) give the other set of course figures.
-    bleu = BLEU(tokenize="none", effective_order=True)
-    assert [round(bleu.sentence_score(c, [BLEU_REF]).score / 100, 3) for c in BLEU_CANDIDATES] == [0.495, 0.730, 0.798]
+    # The course's other figures split on whitespace only, so "tea." is one token. Writing it as the single word
+    # "teadot" gives 13a exactly those tokens; the scores must then be the whitespace figures, not the 13a ones.
+    cands, ref = [c.replace("tea.", "teadot") for c in BLEU_CANDIDATES], BLEU_REF.replace("tea.", "teadot")
+    per = per_example_scores("translation", cands, [ref] * 3)["bleu"]
+    assert [round(s, 3) for s in per] == [0.495, 0.730, 0.798]
 
 
-def test_translation_corpus_scores_match_sacrebleu_and_are_not_sentence_means():
-    preds = ["the cat sat on the mat", "a quick brown fox", "hello world there"]
-    refs = ["the cat is sitting on the mat", "the quick brown fox jumps", "hello world"]
-    got, bleu, chrf = translation_metrics(preds, refs), BLEU(), CHRF()
-    assert got["bleu"] == approx(bleu.corpus_score(preds, [refs]).score / 100)
-    assert got["chrf"] == approx(chrf.corpus_score(preds, [refs]).score / 100)
-    per = per_example_scores("translation", preds, refs)
-    assert per["chrf"] == approx([CHRF().sentence_score(p, [r]).score / 100 for p, r in zip(preds, refs)])
-    assert got["bleu"] != approx(sum(per["bleu"]) / 3)  # corpus BLEU pools n-gram counts before dividing
-    scores, notes = compute_metrics("translation", preds, refs)
-    assert notes["bleu"] == str(bleu.get_signature()) and "tok:13a" in notes["bleu"]
-    assert notes["chrf"] == str(chrf.get_signature())
-    assert 0.0 <= scores["bleu"] <= 1.0 and 0.0 <= scores["chrf"] <= 1.0
+def test_corpus_bleu_pools_counts_and_lengths():
+    preds = ["the cat sat on", "he ran very fast today again"]
+    refs = ["the cat sat on the mat", "he ran very fast"]
+    # Sentence 1: every n-gram matches (4/4, 3/3, 2/2, 1/1), 4 tokens for 6: brevity penalty exp(1 - 6/4) = e^-0.5.
+    # Sentence 2: 4/6, 3/5, 2/4, 1/3, longer than its reference: BLEU = (1/15)^(1/4).
+    # Corpus: 8/10, 6/8, 4/6, 2/4 and 10 tokens for 10 (no brevity penalty): BLEU = 0.2^(1/4).
+    per = per_example_scores("translation", preds, refs)["bleu"]
+    assert per == approx([math.exp(-0.5), (1 / 15) ** 0.25])
+    corpus = translation_metrics(preds, refs)["bleu"]
+    assert corpus == approx(0.2 ** 0.25)
+    assert corpus - sum(per) / 2 == approx(0.2 ** 0.25 - (math.exp(-0.5) + (1 / 15) ** 0.25) / 2)  # +0.1114
+    assert round(corpus - sum(per) / 2, 4) == 0.1114
+
+
+def test_chrf_hand_cases_and_corpus_pooling():
+    # chrF (not chrF++): character n-grams 1..6 without spaces, precision and recall averaged over the orders both
+    # sides have, then F-beta with beta = 2.  "ab" vs "abc": orders 1, 2: P (1 + 1)/2 = 1, R (2/3 + 1/2)/2 = 7/12
+    # -> 5 * 7/12 / (4 + 7/12) = 7/11 (beta = 1 would give 14/19).  "abc" vs "abd": P = R = (2/3 + 1/2 + 0)/3 = 7/18.
+    preds, refs = ["ab", "abc"], ["abc", "abd"]
+    assert per_example_scores("translation", preds, refs)["chrf"] == approx([7 / 11, 7 / 18])
+    assert translation_metrics(preds[:1], refs[:1])["chrf"] == approx(7 / 11)
+    # Corpus: counts pooled per order first: P (4/5 + 2/3 + 0)/3 = 22/45, R (4/6 + 2/4 + 0)/3 = 7/18
+    # -> 5PR / (4P + R) = 6930/17091 = 0.4055, not the mean of the sentence scores (0.5126).
+    assert translation_metrics(preds, refs)["chrf"] == approx(6930 / 17091)
+
+
+def test_translation_notes_name_the_settings():
+    # One-word sentences have no bigrams: corpus BLEU (no effective order) is 0 while chrF is the pooled 0.4055.
+    scores, notes = compute_metrics("translation", ["ab", "abc"], ["abc", "abd"])
+    assert scores == approx({"bleu": 0.0, "chrf": 6930 / 17091})
+    assert notes["bleu"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+    assert notes["chrf"].startswith("nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:")
 
 
 # --- QA (SQuAD v1.1) ------------------------------------------------------------------------------------------

@@ -57,6 +57,33 @@ def _train_cli(config, *extra):
     return [sys.executable, "-m", "instructune.cli", "train", str(config), *extra]
 
 
+# Runs the real CLI with save_checkpoint patched: once the checkpoint of step STOP is written whole, it drops a marker
+# and blocks, so the test kills a run that is certainly mid-training, however fast the machine.
+_BLOCK_AFTER_CHECKPOINT = """
+import sys, time
+from pathlib import Path
+
+import instructune.train.loop as loop
+
+STOP, marker, config = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+real_save = loop.save_checkpoint
+
+
+def save_then_block(folder, named, optimizer, scheduler, state, *args, **kwargs):
+    real_save(folder, named, optimizer, scheduler, state, *args, **kwargs)
+    if state["step"] == STOP:
+        marker.write_text(str(STOP))
+        time.sleep(3600)
+
+
+loop.save_checkpoint = save_then_block
+from instructune.cli import main
+
+sys.argv = ["instructune", "train", config]
+main()
+"""
+
+
 def test_sigkill_and_resume_equals_the_uninterrupted_run(tmp_path, tiny_model):
     common = dict(epochs=2, batch_size=4, save_every=1, lora={"dropout": 0.1})  # dropout: the RNG state must resume too
     env = {**os.environ, "PYTHONHASHSEED": "0"}
@@ -67,24 +94,33 @@ def test_sigkill_and_resume_equals_the_uninterrupted_run(tmp_path, tiny_model):
 
     cut = tiny_config(tmp_path / "b", tiny_model, ("classification",), n_train=24, **common)
     config = write_config(tmp_path, cut, "cut.yaml")
-    log = tmp_path / "b" / "run" / "train_log.jsonl"
-    proc = subprocess.Popen(_train_cli(config), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if log.is_file() and len(log.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = len(log.read_text().splitlines())
-    assert 5 <= killed_at < 12, "the run finished before it could be killed"
-    assert not (tmp_path / "b" / "run" / "model").exists()
+    run = tmp_path / "b" / "run"
+    log, marker, wrapper = run / "train_log.jsonl", tmp_path / "checkpoint-5-written", tmp_path / "block.py"
+    wrapper.write_text(_BLOCK_AFTER_CHECKPOINT)
+    with open(tmp_path / "cut.stderr", "w") as err:
+        proc = subprocess.Popen([sys.executable, str(wrapper), "5", str(marker), str(config)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        why = (tmp_path / "cut.stderr").read_text()[-2000:]
+        assert marker.exists(), f"no checkpoint of step 5 (exit status {proc.poll()}): {why}"
+        assert proc.poll() is None  # blocked inside step 5's save_checkpoint, after the save
+        assert (run / "checkpoint" / "state.pt").is_file()
+        assert json.loads((run / "checkpoint" / "meta.json").read_text())["step"] == 5
+        assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "model").exists()
     subprocess.run(_train_cli(config, "--resume"), check=True, env=env, capture_output=True)
     resumed = [json.loads(line) for line in log.read_text().splitlines()]
     assert [e["step"] for e in resumed] == list(range(1, 13))
     assert [e["loss"] for e in resumed] == [e["loss"] for e in expected]  # bit-identical, step for step
     assert [e.get("val_loss") for e in resumed] == [e.get("val_loss") for e in expected]
-    assert not (tmp_path / "b" / "run" / "checkpoint").exists()  # removed once the model is saved
+    assert not (run / "checkpoint").exists()  # removed once the model is saved
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "a" / "run" / "model" / "adapter_model.safetensors"))

@@ -211,6 +211,7 @@ def data_lint(config: Path, set_: Optional[List[str]] = typer.Option(None, "--se
     """Check the data before spending compute: split sizes, labels, supervised tokens, train/test leakage."""
     from collections import Counter
 
+    from .data.lint import format_warnings, lint_pairs, lint_records
     from .tasks import data_stats, prepare
 
     cfg = _config(config, set_)
@@ -236,6 +237,16 @@ def data_lint(config: Path, set_: Optional[List[str]] = typer.Option(None, "--se
                     fg="yellow" if leaked else None)
         for ex in lk["examples"]:
             typer.echo(f"    test: {ex['test'][:80]!r}\n    train: {ex['train'][:80]!r} ({ex['kind']}, {ex['overlap']:.0%})")
+        warnings = lint_records([r for rs in task.records.values() for r in rs]) + lint_pairs(
+            task.template.type, task.template.fields, [p for ps in task.pairs.values() for p in ps])
+        cut = st["truncated"]
+        if cut["pairs"]:
+            warnings.append({"kind": "truncated", "count": cut["pairs"], "message":
+                             f"training pairs longer than train.max_length {cfg.train.max_length} (cut by up to "
+                             f"{cut['max_cut']} tokens from the prompt's start)", "examples": cut["examples"]})
+        problems += bool(warnings)
+        for line in format_warnings(task.name, warnings):
+            typer.secho(line, fg="yellow")
     typer.echo("no warnings" if not problems else f"{problems} task(s) with warnings")
 
 
@@ -246,7 +257,7 @@ def generate(text: str = typer.Argument(..., help="the input: plain text for the
              task: Optional[str] = typer.Option(None, help="task name (needed when the model learned several)"),
              max_new_tokens: Optional[int] = typer.Option(None)):
     """Answer one input with a fine-tuned model, rendering the prompt with the template it was trained with."""
-    from .evaluate.generate import generate as run_generate
+    from .evaluate.generate import check_prompt_fits, generate as run_generate
     from .models import load_finetuned
     from .predict import prompt_format, record_from_text, task_template
 
@@ -254,7 +265,9 @@ def generate(text: str = typer.Argument(..., help="the input: plain text for the
     template = task_template(meta, task)
     fmt = prompt_format(tokenizer, meta, template)
     prompt = fmt.prompt_text(template.prompt_only(record_from_text(text, template)))
-    typer.echo(run_generate(model_obj, fmt, [prompt], max_new_tokens or template.max_new_tokens)[0])
+    new_tokens = max_new_tokens or template.max_new_tokens
+    check_prompt_fits(model_obj, fmt, prompt, new_tokens, "TEXT")  # refused with the numbers, never fed past the context
+    typer.echo(run_generate(model_obj, fmt, [prompt], new_tokens)[0])
 
 
 @app.command()
@@ -286,6 +299,32 @@ def chat(model: Path = typer.Argument(..., help="a run folder or its model/ fold
     from .chat import chat as run_chat
 
     run_chat(model, task, max_new_tokens, write=lambda *a, **k: print(*a, **k))
+
+
+@app.command()
+@handles_errors
+def export(run: Path = typer.Argument(..., help="a run folder (or its model/ folder) with a fine-tuned model"),
+           format: str = typer.Option(..., "--format", help="merged: a standalone transformers folder (the adapter "
+                                      "merged into the full-precision base); gguf: one .gguf file for llama.cpp; "
+                                      "ollama: the .gguf plus a Modelfile"),
+           dtype: Optional[str] = typer.Option(None, help="merged: float32 (default), bfloat16, float16; "
+                                               "gguf/ollama: f16 (default), q8_0, f32"),
+           out: Optional[Path] = typer.Option(None, help="the export folder (default RUN/export/FORMAT); an existing "
+                                              "folder must be one an export made"),
+           task: Optional[str] = typer.Option(None, help="ollama: wrap the user's text in this task's training prompt"),
+           check: Optional[bool] = typer.Option(None, "--check/--no-check", help="compare the export's greedy "
+                                                "answers with the evaluated model's on the run's test prompts "
+                                                "(default: on when the test split has at most 200 prompts)"),
+           check_limit: int = typer.Option(200, help="test prompts per task the check uses at most")):
+    """Export the fine-tuned model with its training template: merged (transformers), GGUF (llama.cpp) or Ollama.
+    The parity check's figures are printed and written to parity.json in the export folder."""
+    from .export import export_run
+
+    folder, report = export_run(run, format, dtype, out, task, check, check_limit)
+    typer.echo(f"exported to {folder}")
+    for name, r in (report or {}).items():
+        typer.echo(f"  {name}: {100 * r['share_identical']:.1f} % of greedy answers identical; {r['metric']} "
+                   f"{r['reference']:.4f} (evaluated) vs {r['exported']:.4f} (export), {r['difference_points']:+.2f} points")
 
 
 @app.command()

@@ -6,9 +6,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InstructuneError
+from .hub import looks_like_hub_id
+
+# A config is a few hundred nodes; these caps refuse an alias bomb or a deep nest before anything is expanded.
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
 
 TaskType = Literal["classification", "summarization", "translation", "qa", "ner"]
 
@@ -50,6 +55,13 @@ class TemplateConfig(Strict):
     separator: str = "\n"
 
 
+def _check_name(name: str) -> str:
+    """A name becomes a folder or file name: `.` and `..` would point at another folder."""
+    if name in (".", ".."):
+        raise ValueError(f"{name!r} is not a usable name (it names a folder that exists already)")
+    return name
+
+
 class TaskConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     type: TaskType
@@ -60,6 +72,28 @@ class TaskConfig(Strict):
     choices: list[str] | None = Field(None, description="classification answer choices; default: the training labels")
     max_new_tokens: int | None = Field(None, gt=0)
     system_prompt: str | None = None
+
+    _name = field_validator("name")(_check_name)
+
+    @field_validator("choices", mode="before")
+    @classmethod
+    def _clean_choices(cls, v):
+        """Choices are labels: integers (stars 1..5) are taken as their digits, whitespace around a label is dropped,
+        and an empty or repeated choice is refused."""
+        if not isinstance(v, list):
+            return v
+        out = []
+        for c in v:
+            if isinstance(c, int) and not isinstance(c, bool):
+                c = str(c)
+            if not isinstance(c, str):
+                raise ValueError(f"a choice must be a string or an integer, got {c!r}")
+            if not c.strip():
+                raise ValueError("a choice is empty")
+            if c.strip() in out:
+                raise ValueError(f"the choice {c.strip()!r} is given twice")
+            out.append(c.strip())
+        return out
 
 
 class ModelConfig(Strict):
@@ -79,6 +113,9 @@ class LoraConfig(Strict):
 
 class TrainConfig(Strict):
     method: Literal["lora", "full"] = "lora"
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="with several processes: ddp keeps a whole model, its "
+                                             "gradients and optimizer state in every process; fsdp shards them "
+                                             "across processes (PyTorch FSDP2), for models past one device's memory")
     epochs: float = Field(2, gt=0)
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
@@ -115,6 +152,11 @@ class TrainConfig(Strict):
 class BaselineConfig(Strict):
     enabled: bool = True
     k: int = Field(3, ge=2, description="shots in the k-shot baseline (besides 0 and 1)")
+    classical: bool = Field(True, description="also score a classical method fitted on the training split (TF-IDF + "
+                            "logistic regression, lead-N, copy the source, best-overlap sentence, entity dictionary)")
+    templates: Literal["one", "all"] | list[str] = Field(
+        "one", description="`all` (or a list of library template names): also score the base model under every "
+        "phrasing × 0/1/k shots on the validation split and report the best one on the test split (base_best_prompt)")
 
     @property
     def shots(self) -> list[int]:
@@ -135,10 +177,18 @@ class EvalConfig(Strict):
                                                                   "training input that makes it a near duplicate")
 
 
+class LimitsConfig(Strict):
+    """Bounds on the work one record may cost: a template that goes past them is refused, naming the record."""
+
+    max_render_chars: int = Field(1_000_000, gt=0, description="longest text one template render may produce")
+    max_render_seconds: float = Field(2.0, gt=0, description="longest time one template render may take")
+
+
 class ExperimentConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     output_dir: str | None = Field(None, description="default runs/<name>")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     tasks: list[TaskConfig] = Field(min_length=1)
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
@@ -146,6 +196,32 @@ class ExperimentConfig(Strict):
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     forgetting: list[TaskConfig] = Field(default_factory=list, description="held-out tasks never trained on, "
                                          "scored zero-shot before and after fine-tuning: what fine-tuning broke")
+
+    _name = field_validator("name")(_check_name)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _safe_output_dir(cls, v):
+        """Never a file, the root, the home folder, the working directory or a folder holding one of them."""
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("is empty; leave it out for runs/<name>")
+        try:
+            path = Path(v).expanduser()
+            resolved = path.resolve()
+            protected = {Path("/").resolve(): "the root folder", Path.cwd().resolve(): "the working directory"}
+            protected[Path.home().resolve()] = "your home folder"
+        except (OSError, RuntimeError) as e:  # a symlink loop, no home folder
+            raise ValueError(f"{v!r} cannot be resolved ({e})") from None
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{v!r} is an existing file, not a folder")
+        for folder, what in protected.items():
+            if resolved == folder:
+                raise ValueError(f"{v!r} is {what}; give the run a folder of its own")
+            if resolved in folder.parents:
+                raise ValueError(f"{v!r} contains {what}; give the run a folder of its own")
+        return v
 
     @model_validator(mode="after")
     def _unique_tasks(self):
@@ -171,14 +247,18 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
     path = Path(path)
     if not path.is_file():
         raise InstructuneError("config file not found", str(path))
-    text = path.read_text(encoding="utf-8")
     try:
-        raw = yaml.safe_load(text) or {}
-        root = yaml.compose(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise InstructuneError(f"not valid YAML: {getattr(e, 'problem', e)}", where) from None
+        data = path.read_bytes()
+    except OSError as e:
+        raise InstructuneError(f"cannot read: {e.strerror or e}", str(path)) from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InstructuneError(f"not UTF-8: byte 0x{data[e.start]:02x} at byte offset {e.start}; save it as UTF-8",
+                               f"{path}:{line}") from None
+    raw, root = load_yaml(text, str(path))
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise InstructuneError("expected a mapping of config keys at the top level", str(path))
     for item in overrides:
@@ -190,7 +270,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
         err = e.errors()[0]
         keys = [str(k) for k in err["loc"]]
         line = _line_of(root, err["loc"])
-        where = f"{path}:{line} ({'.'.join(keys)})" if line else f"{path} ({'.'.join(keys)})"
+        dotted = f" ({'.'.join(keys)})" if keys else ""
+        where = f"{path}:{line}{dotted}" if line else f"{path}{dotted}"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = f"unknown config key {keys[-1]!r}"
@@ -198,6 +279,81 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
             msg = f"{msg} (got {err['input']!r})"
         more = f" [and {len(e.errors()) - 1} more problem(s)]" if len(e.errors()) > 1 else ""
         raise InstructuneError(msg + more, where) from None
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing nesting deeper than MAX_YAML_DEPTH while it composes (before Python's own
+    recursion limit could be reached)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise _TooBig(f"nested deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+class _TooBig(Exception):
+    def __init__(self, message: str, mark=None):
+        super().__init__(message)
+        self.mark = mark
+
+
+def load_yaml(text: str, where: str) -> tuple[Any, Any]:
+    """The data of a YAML text and its node tree, refused (InstructuneError at `where`, with the line) when it is not
+    YAML, nests deeper than MAX_YAML_DEPTH or would expand (aliases counted each time they are used) to more than
+    MAX_YAML_NODES nodes: checked on the node graph, before anything is expanded."""
+    loader = _BoundedLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        _expanded_size(root, {}, set(), 0)
+        return loader.construct_document(root), root
+    except _TooBig as e:
+        line = f":{e.mark.line + 1}" if e.mark is not None and not where.startswith("--set") else ""
+        raise InstructuneError(f"YAML {e} (aliases counted each time they are used); refused", where + line) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark and not where.startswith("--set") else ""
+        raise InstructuneError(f"not valid YAML: {getattr(e, 'problem', None) or e}", where + line) from None
+    except RecursionError:
+        raise InstructuneError(f"YAML nested deeper than {MAX_YAML_DEPTH} levels; refused", where) from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node, sizes: dict, active: set, depth: int) -> tuple[int, int]:
+    """(nodes, height) of `node` once every alias is expanded, computed once per distinct node (so an alias bomb costs
+    no more than its text); raises _TooBig past MAX_YAML_NODES, past MAX_YAML_DEPTH after expansion, or on a
+    recursive alias."""
+    key = id(node)
+    if key not in sizes:
+        if key in active:
+            raise _TooBig("alias refers to a node that contains it (a recursive alias)", node.start_mark)
+        active.add(key)
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        size, height = 1, 1
+        for child in children:
+            child_size, child_height = _expanded_size(child, sizes, active, depth + 1)
+            size, height = size + child_size, max(height, child_height + 1)
+            if size > MAX_YAML_NODES:
+                raise _TooBig(f"expands to more than {MAX_YAML_NODES:,} nodes", node.start_mark)
+        active.discard(key)
+        sizes[key] = size, height
+    size, height = sizes[key]
+    if depth + height > MAX_YAML_DEPTH:
+        raise _TooBig(f"nested deeper than {MAX_YAML_DEPTH} levels", node.start_mark)
+    return size, height
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -212,10 +368,14 @@ def _apply_override(raw: dict, item: str) -> None:
             if not part.isdigit() or int(part) >= len(node):
                 raise InstructuneError(f"no list item {part!r} in {'.'.join(parts[:i])}", f"--set {key}")
             node = node[int(part)]
+        elif isinstance(node, dict):
+            if node.get(part) is None:  # `train:` left empty in the file is an empty mapping
+                node[part] = [] if nxt.isdigit() else {}
+            node = node[part]
         else:
-            node = node.setdefault(part, [] if nxt.isdigit() else {})
+            raise InstructuneError(f"{'.'.join(parts[:i])} is a single value, not a mapping", f"--set {key}")
     last = parts[-1]
-    parsed = yaml.safe_load(value) if value.strip() else ""
+    parsed = load_yaml(value, f"--set {key}")[0] if value.strip() else ""
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
             raise InstructuneError(f"no list item {last!r}", f"--set {key}")
@@ -237,8 +397,7 @@ def _resolve_data_paths(raw: dict, base: Path) -> None:
             if not isinstance(value, str) or Path(value).expanduser().is_absolute():
                 continue
             local = base / value
-            hub_like = value.count("/") == 1 and not value.startswith(".") and not Path(value).suffix
-            if local.exists() or not hub_like:
+            if local.exists() or not looks_like_hub_id(value):
                 data[key] = str(local.resolve())
 
 

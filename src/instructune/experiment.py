@@ -14,6 +14,8 @@ import yaml
 
 from .config import ExperimentConfig
 from .errors import InstructuneError
+from .evaluate.best_prompt import best_prompt, candidates
+from .evaluate.classical import classical_variant
 from .evaluate.score import answer, primary, score, validation_scorer
 from .io import atomic_write, write_json
 from . import rundir
@@ -25,6 +27,7 @@ from .runtime import distributed, is_main_process, say
 from .tasks import Prepared, data_fingerprint, data_stats, manifest, prepare
 from .train.audit import audit_masking
 from .train.checkpoint import newest_checkpoint
+from .train.fsdp import gathered
 from .train.loop import train
 from .train.loss import perplexity
 
@@ -117,6 +120,17 @@ def run_baseline(prep: Prepared, run_dir: Path) -> dict:
             preds, mode = answer(model, task.fmt, task.template, prompts, cfg.evaluate, f"{task.name}: base {shots}-shot")
             results[task.name][f"base_{shots}shot"] = result = score(task.template, task.pairs["test"], preds, prompts, mode)
             say(f"{task.name}: base {shots}-shot {primary(task.template, result)}")
+        if not task.held_out and cfg.baseline.classical and \
+                (classical := classical_variant(task.template, task.records, cfg.seed)) is not None:
+            results[task.name]["classical"] = classical
+            say(f"{task.name}: classical baseline ({classical['method']['method']}) {primary(task.template, classical)}")
+        if not task.held_out and cfg.baseline.templates != "one" and \
+                (options := candidates(task.template, cfg.baseline.templates, "baseline.templates")):
+            results[task.name]["base_best_prompt"] = result = best_prompt(
+                model, task.fmt, options, task.records, cfg.baseline.shots, cfg.seed, prep.context_length,
+                cfg.evaluate, task.name)
+            say(f"{task.name}: base best prompt ({result['choice']['template']}, {result['choice']['shots']}-shot, "
+                f"chosen on validation) {primary(task.template, result)}")
         if not task.held_out and task.pairs.get("validation"):
             results[task.name]["perplexity"] = _perplexity(model, task.fmt, task.pairs["validation"], cfg)
     write_json(run_dir / "baseline.json", results)
@@ -154,6 +168,7 @@ def run_train(prep: Prepared, run_dir: Path, resume: bool = False) -> Path:
                 checkpoint_meta=inputs)
     _say_kept_step(cfg, log)
     out = run_dir / "model"
+    model = gathered(model)  # FSDP: every process takes part in the gather, process 0 gets the whole model
     if distributed()[0] > 0:
         return out  # process 0 saves
     save_model(model, prep.tokenizer, out, manifest(prep, {

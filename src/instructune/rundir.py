@@ -19,7 +19,7 @@ MARKER = ".instructune-run"
 LOCK = ".lock"
 STATUS = "run_status.json"
 # what each stage writes, and which stages use its output
-OUTPUTS = {"baseline": ["baseline.json"], "train": ["model", "train_log.jsonl", "tensorboard"],
+OUTPUTS = {"baseline": ["baseline.json"], "train": ["model", "train_log.jsonl", "tensorboard", "export"],
            "evaluate": ["finetuned.json"], "report": ["results.json", "report.md", "report.html"]}
 DOWNSTREAM = {"baseline": ["report"], "train": ["evaluate", "report"], "evaluate": ["report"], "report": []}
 _held: dict[str, object] = {}  # run folder -> its open lock file, held until the command ends (`release`)

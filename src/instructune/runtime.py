@@ -18,13 +18,15 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def check_launcher() -> None:
-    """Refuse an `accelerate launch` configured for FSDP or DeepSpeed: the loop replicates the model (DDP) and would
-    otherwise ignore the sharding the user asked for."""
-    for key, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(key, "").lower() in ("true", "1"):
-            raise InstructuneError(f"{name} is not supported: instructune trains with DDP (one whole model per process); "
-                                   "launch with `accelerate launch --multi_gpu` or `torchrun` instead", f"{key}={os.environ[key]}")
+def check_launcher() -> str | None:
+    """The sharding an `accelerate launch` config asks for: "fsdp" for an FSDP config (trained by the same FSDP2
+    path as `train.strategy: fsdp`), else None. DeepSpeed is refused: the loop would ignore the sharding asked for."""
+    key = "ACCELERATE_USE_DEEPSPEED"
+    if os.environ.get(key, "").lower() in ("true", "1"):
+        raise InstructuneError("DeepSpeed is not supported: instructune trains with DDP or FSDP (`train.strategy`); "
+                               "launch with `accelerate launch --multi_gpu`, an FSDP config, or `torchrun` instead",
+                               f"{key}={os.environ[key]}")
+    return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("true", "1") else None
 
 
 def is_main_process() -> bool:

@@ -71,7 +71,8 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
 def build_task(tc: TaskConfig, cfg: ExperimentConfig, fmt: PromptFormat, where: str, held_out: bool = False) -> Task:
     """Read a task's data once, pick its template from the records' shape, split, render the pairs."""
     sources = read_sources(tc.data)
-    template = build_task_template(tc, detect_shape(next(iter(sources.values()))[0].data), cfg.evaluate.max_new_tokens)
+    template = build_task_template(tc, detect_shape(next(iter(sources.values()))[0].data), cfg.evaluate.max_new_tokens,
+                                   cfg.limits)
     label_of = label_getter(template) if tc.type == "classification" else None
     records = split_sources(sources, tc.data, cfg.seed, label_of, where)
     if tc.type == "classification" and template.choices is None:
@@ -80,6 +81,10 @@ def build_task(tc: TaskConfig, cfg: ExperimentConfig, fmt: PromptFormat, where: 
     if cfg.baseline.enabled and not held_out and len(pairs["train"]) < cfg.baseline.k:
         raise InstructuneError(f"the training split has {len(pairs['train'])} example(s), too few to supply "
                                f"the {cfg.baseline.k}-shot examples (baseline.k)", where)
+    if tc.type == "classification" and not template.strict_choices:  # choices taken from the training labels
+        for split in ("validation", "test"):
+            for p in pairs.get(split, []):
+                template.check_label(p.completion, p.where)
     fmt = PromptFormat(fmt.tok, fmt.chat, template.separator, fmt.seq2seq)
     task = Task(template, records, pairs, fmt, held_out)
     if not held_out:
@@ -109,8 +114,8 @@ def label_getter(template: TaskTemplate):
 
     def label_of(record: Record):
         if template.template is None:
-            return str(record.data.get("completion", record.data.get("output", "")))
-        return str(record.data.get(field_name, ""))
+            return str(record.data.get("completion", record.data.get("output", ""))).strip()
+        return str(record.data.get(field_name, "")).strip()
     return label_of
 
 
@@ -129,10 +134,13 @@ def data_stats(prep: Prepared) -> dict:
     for task in prep.tasks:
         encoded = task.encoded("train", prep.cfg.train.max_length)
         completion = [e.n_supervised for e in encoded]
+        cut = [e for e in encoded if e.cut]
         out[task.name] = {"sizes": {split: len(v) for split, v in task.pairs.items()},
                           "token_lengths": {"prompt": [len(e.input_ids) - (0 if e.seq2seq else c)
                                                        for e, c in zip(encoded, completion)],
                                             "completion": completion},
+                          "truncated": {"pairs": len(cut), "max_cut": max((e.cut for e in cut), default=0),
+                                        "examples": [{"where": e.where, "text": f"{e.cut} tokens cut"} for e in cut[:3]]},
                           "leakage": task.leakage}
     return out
 

@@ -229,3 +229,12 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one_bit_identi
     assert log_losses(run) == expected  # bit-identical, step for step
     assert not list(run.glob(".checkpoint.*")) and not (run / "checkpoint").exists()
     assert not (run / "checkpoint.old").exists()
+
+
+def test_data_lint_says_how_many_prompts_max_length_cuts(tmp_path, tiny_model):
+    config = write_config(tmp_path, tiny_config(tmp_path, tiny_model, ("summarization",), max_length=24))
+    result = cli("data", "lint", config)
+    assert result.exit_code == 0, result.output
+    assert "12 training pairs longer than train.max_length 24" in result.output and "tokens cut" in result.output
+    roomy = cli("data", "lint", write_config(tmp_path, tiny_config(tmp_path, tiny_model, ("summarization",))))
+    assert "longer than train.max_length" not in roomy.output

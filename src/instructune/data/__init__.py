@@ -1,6 +1,7 @@
 """Data: reading records, recognising their shape, splitting them."""
 
-from .load import Record, load_records
+from .load import load_records
+from .record import Record
 from .shapes import detect_shape
 from .splits import read_sources, split_records, split_sources
 

@@ -1,16 +1,66 @@
 """Greedy generation in length-sorted, left-padded batches with a KV cache; outputs come back in input order.
 
 The token prefix that all prompts share (system prompt, instruction) is computed once and its KV cache reused by
-every batch; each batch then computes only its prompts' own tokens (padding sits between the prefix and them)."""
+every batch; each batch then computes only its prompts' own tokens (padding sits between the prefix and them).
+A prompt that, with its answer, would pass the model's context is cut from the front as in training, with a warning."""
 
 from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
 
-from ..attention import left_pad, repeated, shared_prefix_cache
+from ..attention import left_pad, repeated, shared_prefix_cache, text_config
+from ..errors import InstructuneError
 from ..prompts.format import PromptFormat
-from ..runtime import autocast, grouped_kv_heads
+from ..runtime import autocast, grouped_kv_heads, warn
+
+
+def context_size(model) -> int | None:
+    """The most positions the model was built for (None when its config does not say: then nothing is checked)."""
+    size = getattr(text_config(model), "max_position_embeddings", None)
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def _room(model, max_new_tokens: int) -> int | None:
+    """The most prompt tokens that fit: a decoder holds prompt and answer in one context; an encoder the prompt."""
+    size = context_size(model)
+    if size is None:
+        return None
+    return size if model.config.is_encoder_decoder else size - max_new_tokens
+
+
+def check_prompt_fits(model, fmt: PromptFormat, prompt: str, max_new_tokens: int, where: str | None = None) -> int:
+    """The prompt's token count; InstructuneError with the numbers when it and max_new_tokens pass the context."""
+    n = len(fmt.encode_prompt(prompt))
+    room, size = _room(model, max_new_tokens), context_size(model)
+    if room is not None and n > room:
+        new = "" if model.config.is_encoder_decoder else f" + {max_new_tokens} new tokens = {n + max_new_tokens}"
+        raise InstructuneError(f"the input is {n} tokens{new}, past the model's context of {size} tokens: shorten it "
+                               f"by at least {n - room} tokens" + ("" if model.config.is_encoder_decoder else
+                                                                  " (or lower --max-new-tokens)"), where)
+    return n
+
+
+def fit_context(model, encoded: list[list[int]], max_new_tokens: int, desc: str = "generating") -> list[list[int]]:
+    """Each prompt's tokens, cut from the front where they and the answer would pass the model's context.
+
+    As training does (`PromptFormat.encode`): the first token (BOS or the chat template's start) stays and the
+    oldest tokens after it go, keeping the end, which holds the question and the answer cue. One warning says how
+    many prompts were cut and by how much."""
+    room = _room(model, max_new_tokens)
+    if room is None:
+        return encoded
+    if room < 2:
+        raise InstructuneError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+                               f"{context_size(model)} tokens", "max_new_tokens")
+    long = [ids for ids in encoded if len(ids) > room]
+    if not long:
+        return encoded
+    longest = max(map(len, long))
+    new = "" if model.config.is_encoder_decoder else f" + {max_new_tokens} new tokens"
+    warn(f"{desc}: {len(long)} of {len(encoded)} prompts pass the model's context of {context_size(model)} tokens "
+         f"(the longest: {longest} tokens{new}); cut from the front to {room} tokens, keeping the first token")
+    return [ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:] for ids in encoded]
 
 
 @torch.no_grad()
@@ -22,7 +72,7 @@ def generate(model, fmt: PromptFormat, prompts: list[str], max_new_tokens: int, 
 
 def _generate(model, fmt, prompts, max_new_tokens, batch_size, desc, bf16, share_prefix) -> list[str]:
     tok = fmt.tok
-    encoded = [fmt.encode_prompt(p) for p in prompts]
+    encoded = fit_context(model, [fmt.encode_prompt(p) for p in prompts], max_new_tokens, desc)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first: memory peaks early
     outputs: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device

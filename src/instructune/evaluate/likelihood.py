@@ -24,6 +24,7 @@ from ..attention import (as_model_mask, cache_kwarg, cache_of, fusable, left_pad
 from ..prompts.format import IGNORE, PromptFormat
 from ..prompts.template import Pair
 from ..runtime import autocast, grouped_kv_heads
+from .generate import fit_context
 
 # Ceiling on the logits of one choice pass (float32 elements, 256 MiB): many long choices are split into groups.
 LOGIT_BUDGET = 1 << 26
@@ -67,6 +68,7 @@ def choice_logprobs(model, fmt: PromptFormat, prompts: list[str], choices: list[
     encoded = [fmt.encode_prompt(p) for p in prompts]
     if max_length is not None:
         encoded = [_truncate(e, max_length - max(len(c) for c in comps)) for e in encoded]
+    encoded = fit_context(model, encoded, max(len(c) for c in comps), desc)  # never scored past the context
     if empty := [i for i, e in enumerate(encoded) if not e]:
         raise ValueError(f"prompt {empty[0]} has no tokens: nothing to condition the first answer token on")
 

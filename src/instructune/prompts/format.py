@@ -16,6 +16,7 @@ class Encoded:
     labels: list[int]  # IGNORE where no loss is taken (the prompt); the completion and its end token are trained
     where: str = ""
     seq2seq: bool = False  # encoder-decoder (T5): input_ids is the encoder's prompt, labels the decoder's target
+    cut: int = 0  # tokens dropped to fit max_length (the lint reports them)
 
     @property
     def n_supervised(self) -> int:
@@ -77,16 +78,19 @@ class PromptFormat:
         end = self.end_ids()
         if not completion_ids or completion_ids[-1] not in end:
             completion_ids = completion_ids + [self.tok.eos_token_id]
+        full = len(prompt_ids) + len(completion_ids)
         if len(completion_ids) >= max_length:
             completion_ids = completion_ids[: max_length // 2 - 1] + completion_ids[-1:]
         if self.seq2seq:  # the encoder reads the prompt, the decoder learns the whole completion
             if len(prompt_ids) > max_length:
                 prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - max_length + 1:]
-            return Encoded(prompt_ids, completion_ids, pair.where, seq2seq=True)
+            return Encoded(prompt_ids, completion_ids, pair.where, seq2seq=True,
+                           cut=full - len(prompt_ids) - len(completion_ids))
         keep = max_length - len(completion_ids)
         if len(prompt_ids) > keep:  # keep the end of the prompt: it holds the question and the answer cue
             prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep + 1:]
-        return Encoded(prompt_ids + completion_ids, [IGNORE] * len(prompt_ids) + completion_ids, pair.where)
+        return Encoded(prompt_ids + completion_ids, [IGNORE] * len(prompt_ids) + completion_ids, pair.where,
+                       cut=full - len(prompt_ids) - len(completion_ids))
 
     def end_ids(self) -> set[int]:
         """Token ids that end a completion: EOS, and the chat template's end-of-turn token."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from ..io import atomic_write
+from .markdown import headline
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0 auto;max-width:1200px;
@@ -327,10 +328,9 @@ def render_html(results: dict, config: dict | None = None) -> str:
     meta = [f"Model <code>{_e(m.get('name'))}</code>" + (f" from <code>{_e(m['source'])}</code>" if m.get("source") else "")
             + (f", {_e(m['method'])} fine-tuning" if m.get("method") else ""), params,
             f"Data fingerprint <code>{_e(results['data_fingerprint'])}</code>" if results.get("data_fingerprint") else ""]
-    improved = sum(bool(t.get("improved")) for t in tasks.values())
     body = [f"<header><h1>{_e(name)}: base model vs fine-tuned</h1>",
             "".join(f'<p class="meta">{x}</p>' for x in meta if x),
-            f"<p><b>Fine-tuned beats the best base variant on the primary metric in {improved} of {len(tasks)} tasks.</b> "
+            f"<p><b>{_e(headline(tasks)) if tasks and all('improved' in t for t in tasks.values()) else ''}</b> "
             "Scores are 0–1 on the same test split; changes and their " + level + " confidence intervals are in points (×100). "
             "▲/▼ marks a change whose interval excludes zero.</p></header>"]
     if tasks:

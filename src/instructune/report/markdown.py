@@ -22,11 +22,22 @@ def _header(results: dict) -> list[str]:
     if m.get("trainable_parameters"):
         trainable = f", {m['trainable_parameters']:,} of {m['total_parameters']:,} weights trained " \
                     f"({100 * m['trainable_parameters'] / m['total_parameters']:.2f} %)"
-    improved = sum(t["improved"] for t in results["tasks"].values())
     return [f"# {results['experiment']}: base model vs fine-tuned", "",
             f"Model `{m['name']}`, {m['method']} fine-tuning{trainable}. All metrics are on the same test split; "
             "scores are 0–1, changes are in points (×100) and in % of the best base variant's score.", "",
-            f"**Fine-tuned beats the best base variant on the primary metric in {improved} of {len(results['tasks'])} tasks.**", ""]
+            f"**{headline(results['tasks'])}**", ""]
+
+
+def headline(tasks: dict) -> str:
+    """Which comparisons the report makes, and how they came out (primary metric)."""
+    improved = sum(bool(t["improved"]) for t in tasks.values())
+    line = f"Fine-tuned beats the best base variant (the base model prompted) on the primary metric in {improved} of " \
+           f"{len(tasks)} tasks"
+    classical = [t for t in tasks.values() if t.get("beats_classical") is not None]
+    if classical:
+        line += f", and the classical baseline (a simple method fitted on the same training split) in " \
+                f"{sum(t['beats_classical'] for t in classical)} of {len(classical)}"
+    return line + "."
 
 
 def _task(name: str, t: dict, level: str) -> list[str]:
@@ -40,7 +51,15 @@ def _task(name: str, t: dict, level: str) -> list[str]:
     lines += ["", f"Best base variant: `{t['best_base']}`. Answers by {' and '.join(modes)}"
               + (" (likelihood: the answer choice with the highest log-probability)" if "likelihood" in modes else
                  " (greedy)") + f". ✓/✗: the {level} interval of the change excludes zero.", ""]
-    lines += [f"- `{metric}`: {sig}" for metric, sig in t["signatures"].items()]
+    if t.get("classical"):
+        c = t["change"]["classical"].get(t["primary_metric"], {})
+        lines.append(f"Classical baseline: {t['classical']['method']} {t['classical'].get('params') or ''}; "
+                     f"fine-tuned vs classical {c.get('points', 0):+.2f} points, {level} CI {_ci(c)}.")
+    if t.get("best_prompt"):
+        bp = t["best_prompt"]
+        lines.append(f"Best prompt of the base model: `{bp['template']}`, {bp['shots']}-shot, chosen on the validation "
+                     f"split ({len(bp['tried'])} phrasing × shot settings tried; validation score {bp['validation']:.4f}).")
+    lines += ["", *[f"- `{metric}`: {sig}" for metric, sig in t["signatures"].items()]]
     if t["samples"]:
         lines += ["", "Sample outputs:", ""]
         for i, s in enumerate(t["samples"], 1):

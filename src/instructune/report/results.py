@@ -37,7 +37,7 @@ def build_results(run_dir: Path, cfg: ExperimentConfig) -> dict:
         ppl = {"base": base.pop("perplexity", None), "finetuned": ft.pop("perplexity", None)}
         variants = {**base, **ft}
         changes = {v: _changes(kind, variants[v], variants["finetuned"], saved.get(name, {}).get("choices"), boot)
-                   for v in variants if v.startswith("base_")}
+                   for v in variants if v.startswith("base_") or v == "classical"}
         if name in held:
             if "base_0shot" in changes:
                 forgetting[name] = _forgetting(kind, variants, changes["base_0shot"])
@@ -82,6 +82,9 @@ def _task(kind: str, variants: dict, changes: dict, stats: dict, samples: int) -
         "change_vs_best_base": changes.get(best_base, {}),
         "change": changes,
         "improved": bool(best_base) and tuned[primary] > variants[best_base]["metrics"][primary],
+        "classical": variants["classical"].get("method") if "classical" in variants else None,
+        "beats_classical": tuned[primary] > variants["classical"]["metrics"][primary] if "classical" in variants else None,
+        "best_prompt": variants["base_best_prompt"].get("choice") if "base_best_prompt" in variants else None,
         "n_test": len(variants["finetuned"]["predictions"]),
         "samples": _samples(variants, samples),
         "token_lengths": stats.get("token_lengths"),

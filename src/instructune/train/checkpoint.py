@@ -43,7 +43,7 @@ def check_meta(folder: Path, meta: dict) -> None:
     try:
         saved = json.loads((folder / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise _damaged(folder, f"meta.json unreadable ({e})") from None
+        raise damaged(folder, f"meta.json unreadable ({e})") from None
     differ = differences(saved, meta)
     if differ:
         raise InstructuneError("this checkpoint belongs to another training; these differ from it: " + "; ".join(differ)
@@ -62,7 +62,7 @@ def load_checkpoint(folder: Path, named, optimizer, scheduler) -> tuple[dict, di
         state = torch.load(folder / "state.pt", weights_only=True)  # written by instructune; no pickled code runs
         best = load_file(str(folder / "best.safetensors")) if (folder / "best.safetensors").is_file() else None
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as e:
-        raise _damaged(folder, f"{type(e).__name__}: {str(e)[:200]}") from None
+        raise damaged(folder, f"{type(e).__name__}: {str(e)[:200]}") from None
     with torch.no_grad():
         for n, p in named:
             p.copy_(weights[n])
@@ -72,7 +72,8 @@ def load_checkpoint(folder: Path, named, optimizer, scheduler) -> tuple[dict, di
     return state, best
 
 
-def _damaged(folder: Path, why: str) -> InstructuneError:
+def damaged(folder: Path, why: str) -> InstructuneError:
+    """The error for an unreadable checkpoint (either layout), offering `<folder>.old` when it is complete."""
     old = folder.with_name(folder.name + ".old")
     offer = ""
     if folder != old and (old / "state.pt").is_file():

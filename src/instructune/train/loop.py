@@ -20,6 +20,7 @@ from ..io import atomic_write
 from ..prompts.format import Encoded
 from ..runtime import autocast, distributed, grouped_kv_heads
 from .batching import length_grouped_batches, split_by_tokens
+from . import fsdp
 from .checkpoint import check_meta, load_checkpoint, newest_checkpoint, save_checkpoint
 from .collate import collate
 from .loss import completion_loss_sum, to_device, validation_loss
@@ -42,21 +43,22 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
     At each validation, `score_fn(model) -> float` (higher is better; e.g. the task metric by generation on a fixed
     validation subsample) is logged as `val_metric`; it (or else the validation loss) decides the best step, early
     stopping after `early_stopping_patience` validations without improvement, and, with `keep_best`, which
-    weights the model ends with."""
+    weights the model ends with. Several processes: DDP, or FSDP (`train.strategy`; see `wrap`)."""
     device = next(model.parameters()).device
     with grouped_kv_heads(device):
         torch.manual_seed(seed)
         rank, world = distributed()
-        ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        ddp, sharded = wrap(model, cfg, world, score_fn)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # FSDP: this process's shards
         plan = Plan(train_set, cfg, pad_id, seed, world, attention_window(model), takes_4d_mask(model))
         optimizer, scheduler = make_optimizer([p for _, p in named], cfg, plan.total_steps, device)
         best, progress = Best(cfg), Progress()
         meta = {**(checkpoint_meta or {}), "total_steps": plan.total_steps, "processes": world,
-                "trainable": {n: list(p.shape) for n, p in named}}
+                "trainable": {n: list(p.shape) for n, p in named}, **({"strategy": "fsdp"} if sharded else {})}
         if resume and (found := newest_checkpoint(checkpoint_dir)):
             check_meta(found, meta)
-            state, best.weights = load_checkpoint(found, named, optimizer, scheduler)
+            state, best.weights = (fsdp.load_sharded(found, model, optimizer, scheduler, named) if sharded
+                                   else load_checkpoint(found, named, optimizer, scheduler))
             progress.restore(state)
             best.state = state.get("best", best.state)
         log = TrainLog(log_path if rank == 0 else None, tensorboard_dir if rank == 0 else None, progress.step, resume)
@@ -72,9 +74,10 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
             if val_set and plan.validates(entry["step"]):
                 validate(model, val_set, pad_id, cfg, score_fn, entry, best, named)
             log.record(entry)
-            if rank == 0 and checkpoint_dir is not None and plan.checkpoints(entry["step"]):
-                save_checkpoint(checkpoint_dir, named, optimizer, scheduler, {**progress.state(), "best": best.state},
-                                best.weights, meta)
+            if (rank == 0 or sharded) and checkpoint_dir is not None and plan.checkpoints(entry["step"]):
+                save = fsdp.save_sharded if sharded else save_checkpoint  # FSDP: every process writes its shards
+                save(checkpoint_dir, model if sharded else named, optimizer, scheduler,
+                     {**progress.state(), "best": best.state}, best.weights, meta)
             bar.update(1)
             bar.set_postfix({k: f"{entry[k]:.4g}" for k in ("loss", "val_loss", "val_metric", "tokens_per_s") if k in entry})
             if entry.get("early_stop"):
@@ -83,6 +86,17 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
         log.close()
         best.restore(named, progress.step)
         return log.entries
+
+
+def wrap(model, cfg: TrainConfig, world: int, score_fn) -> tuple[object, bool]:
+    """(the DDP wrapper or None, whether sharded): several processes replicate the model under DDP, or shard it in
+    place under FSDP (`train.strategy: fsdp`, or an `accelerate launch` FSDP config): then every process writes its
+    shards of each checkpoint, and `fsdp.gathered` makes the model whole for saving. One process: the model as it is."""
+    if fsdp.wanted(cfg, world):
+        fsdp.check_supported(model, cfg, score_fn)
+        fsdp.shard(model, cfg.bf16, world)
+        return None, True
+    return (torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None), False
 
 
 @dataclass

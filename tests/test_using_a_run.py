@@ -1,4 +1,5 @@
-"""Using a fine-tuned run: `predict` on a file (one output per input, in order) and `chat` in a real terminal."""
+"""Using a fine-tuned run: `predict` on a file (one output per input, in order), `chat` in a real terminal, and
+`export` from the command line (the export functions themselves: tests/test_export.py)."""
 
 from __future__ import annotations
 
@@ -144,3 +145,35 @@ def test_chat_task_mode_renders_the_training_prompt(tiny_run):
 
     expected = generate(model, fmt, [prompt], 4)[0]
     assert "".join(written).split("model> ")[1].strip() == expected.strip()
+
+
+def test_export_gguf_from_the_command_line_checks_parity(tmp_path, tiny_run):
+    result = cli("export", tiny_run, "--format", "ollama", "--task", "tiny_classification", "--out", tmp_path / "ol")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ol" / "model.gguf").is_file() and (tmp_path / "ol" / "Modelfile").is_file()
+    report = json.loads((tmp_path / "ol" / "parity.json").read_text())
+    assert set(report) == {"tiny_classification", "tiny_summarization"}
+    assert all(r["n"] == 6 and r["share_identical"] >= 0.8 for r in report.values())  # f16 rounding may flip a few
+    assert "greedy answers identical" in result.output
+
+
+@pytest.mark.parametrize("case", ["format", "dtype", "no-model", "foreign-folder"])
+def test_export_refusals_exit_2(tmp_path, tiny_run, case):
+    args = {"format": ["--format", "onnx"], "dtype": ["--format", "gguf", "--dtype", "q2_k"],
+            "no-model": ["--format", "gguf"], "foreign-folder": ["--format", "merged", "--out", tmp_path / "mine"]}[case]
+    target = tmp_path / "empty-run" if case == "no-model" else tiny_run
+    target.mkdir(exist_ok=True)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    result = cli("export", target, *args)
+    assert result.exit_code == 2, result.output
+    expected = {"format": "--format", "dtype": "--dtype", "no-model": "no fine-tuned model here",
+                "foreign-folder": "mine"}[case]
+    assert expected in result.output and "Traceback" not in result.output
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
+def test_generate_refuses_an_input_longer_than_the_model_with_the_numbers(tiny_run):
+    result = cli("generate", "--model", tiny_run, "--task", "tiny_classification", "word " * 20000)
+    assert result.exit_code == 2, result.output
+    assert "past the model's context of 1024 tokens" in result.output and "Traceback" not in result.output

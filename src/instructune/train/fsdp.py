@@ -1,0 +1,181 @@
+"""Sharded training on PyTorch FSDP2: wrapping, sharded checkpoints, and the whole model gathered for saving."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from ..attention import takes_4d_mask
+from ..config import TrainConfig
+from ..errors import InstructuneError
+from ..io import replaced_folder
+from ..runtime import check_launcher, say, warn
+from .checkpoint import damaged
+
+
+def wanted(cfg: TrainConfig, world: int) -> bool:
+    """Whether this training shards: `train.strategy: fsdp`, or an `accelerate launch` with an FSDP config, with
+    several processes (one process has nothing to shard it with: it trains the plain model)."""
+    return world > 1 and (cfg.strategy == "fsdp" or check_launcher() == "fsdp")
+
+
+def check_supported(model, cfg: TrainConfig, score_fn) -> None:
+    """Refuse, by name, what the sharded path does not do yet."""
+    if cfg.share_prefix and not takes_4d_mask(model):
+        # the two-pass prefix runs the model twice before one backward: FSDP frees the first pass's gathered weights
+        raise InstructuneError("train.share_prefix with a model whose attention cannot take a 4-D mask (the prefix "
+                               "then runs as a pass of its own) is not supported with train.strategy: fsdp yet; set "
+                               "train.share_prefix: 0, or use strategy ddp", "train.strategy")
+    if score_fn is not None:  # generation stops on each process's own outputs: a differing count of collectives hangs
+        raise InstructuneError("train.eval_metric (scoring by generation during training) is not supported with "
+                               "train.strategy: fsdp yet; use the validation loss (eval_metric: false) or strategy ddp",
+                               "train.strategy")
+
+
+def shard(model, bf16: bool, world: int):
+    """Wrap each decoder layer, then the whole model, with `fully_shard` over a mesh of all processes: each process
+    keeps 1/world of every parameter (and so of its gradient and optimizer state), and a layer's full weights exist
+    only while it runs. LoRA: the frozen base is sharded the same way; only the adapter has gradients. Under
+    `train.bf16`, layers compute in bf16 while the sharded weights and the gradient reduction stay fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(next(model.parameters()).device.type, (world,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    layers = decoder_layers(model)
+    if not layers:
+        warn(f"{type(model).__name__} names no layer class to shard one by one: the whole model is one unit, "
+             "gathered whole at each pass")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    if torch.distributed.get_rank() == 0:
+        say(f"fsdp: {len(layers)} layers and the rest of the model sharded over {world} processes"
+            + (" (bf16 compute, fp32 weights and gradient reduction)" if bf16 else ""))
+    return model
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The model's repeated blocks: the classes transformers keeps whole when it splits a model (`_no_split_modules`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True)  # LoRA: the base is reloaded from its source, not checkpointed
+
+
+def save_sharded(folder: Path, model, optimizer, scheduler, state: dict, best_weights: dict | None = None,
+                 meta: dict | None = None) -> None:
+    """A checkpoint every process writes its own shards of (`torch.distributed.checkpoint`), atomic and rotated like
+    `save_checkpoint`'s: one temporary folder, renamed into place by process 0 once every process has written, the
+    previous one kept as `<folder>.old`. Called by every process; the folder must be on a file system all nodes share."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank = dist.get_rank()
+    weights, optim = get_state_dict(model, optimizer, options=_options())
+    content = {"model": weights, "optimizer": optim, **({"best": best_weights} if best_weights is not None else {})}
+    with _shared_folder(Path(folder), rank) as tmp:
+        dcp.save(content, checkpoint_id=tmp)
+        torch.save(torch.get_rng_state(), tmp / f"rng-{rank}.pt")  # each process's own (dropout masks differ)
+        if rank == 0:
+            torch.save({**state, "scheduler": scheduler.state_dict(), "best_saved": best_weights is not None},
+                       tmp / "state.pt")
+            (tmp / "meta.json").write_text(json.dumps({**(meta or {}), "step": state["step"]}, indent=1, default=str))
+
+
+@contextlib.contextmanager
+def _shared_folder(folder: Path, rank: int):
+    """Process 0 makes the temporary folder and tells the others its name; after every process has written into it
+    (a barrier), process 0 renames it into place (`replaced_folder`)."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        with replaced_folder(folder, keep_old=True) as tmp:
+            dist.broadcast_object_list([str(tmp)], src=0)
+            yield tmp
+            dist.barrier()
+        return
+    name = [None]
+    dist.broadcast_object_list(name, src=0)
+    tmp = Path(name[0])
+    if not tmp.is_dir():
+        raise InstructuneError(f"process {rank} cannot see the checkpoint folder process 0 made ({tmp}): with "
+                               "train.strategy: fsdp on several machines, output_dir must be on a file system every "
+                               "machine shares", "output_dir")
+    yield tmp
+    dist.barrier()
+
+
+def load_sharded(folder: Path, model, optimizer, scheduler, named) -> tuple[dict, dict | None]:
+    """Restore this process's shards of the weights and optimizer state, the scheduler and this process's RNG from
+    a `save_sharded` checkpoint; returns the saved state and the best weights' shards (if kept)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    folder = Path(folder)
+    try:
+        state = torch.load(folder / "state.pt", weights_only=True)  # written by instructune; no pickled code runs
+        weights, optim = get_state_dict(model, optimizer, options=_options())
+        content = {"model": weights, "optimizer": optim}
+        if state.get("best_saved"):
+            content["best"] = {n: torch.empty_like(p) for n, p in named}
+        dcp.load(content, checkpoint_id=folder)  # into the shards given: each process reads only its own
+        rng = torch.load(folder / f"rng-{dist.get_rank()}.pt", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError) as e:
+        raise damaged(folder, f"{type(e).__name__}: {str(e)[:200]}") from None
+    set_state_dict(model, optimizer, model_state_dict=content["model"], optim_state_dict=content["optimizer"],
+                   options=_options())
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(rng)
+    return state, content.get("best")
+
+
+def gathered(model):
+    """The trained model whole, for saving as a standard folder: every process takes part in the gather; process 0
+    gets a plain (unsharded) copy of the model holding the full weights on the CPU, the others None. A model that
+    was not sharded is returned as it is."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return model
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if torch.distributed.get_rank() > 0:
+        return None
+    return _plain_copy(model, full)
+
+
+def _plain_copy(model, full: dict):
+    """A model of the same (unwrapped) class, built without allocating weights, that takes `full` as its tensors."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # parameters on the meta device: the gathered tensors become them (assign)
+        if hasattr(model, "get_base_model"):  # PEFT: the same adapter over an empty base
+            from peft import get_peft_model
+
+            base = model.get_base_model()
+            plain = get_peft_model(_unsharded_class(base)(base.config), model.peft_config[model.active_adapter])
+        else:
+            plain = _unsharded_class(model)(model.config)
+    plain.load_state_dict(full, assign=True)
+    plain.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        plain.generation_config = model.generation_config
+    return plain.eval()
+
+
+def _unsharded_class(module) -> type:
+    """The class `fully_shard` swapped out (it makes `FSDP<Class>` with `FSDPModule` in front of the original)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))

@@ -1,0 +1,276 @@
+"""Sharded training (`train.strategy: fsdp`, PyTorch FSDP2) with 2 processes on a CPU (gloo): the same losses and
+model as one process, half of the weights and optimizer state in each process, exact resume after kill -9, LoRA from
+an `accelerate launch` FSDP config, and two simulated nodes on the loopback address."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import tiny_config, write_config
+from instructune.config import TrainConfig
+from instructune.errors import InstructuneError
+
+STEPS = 5  # 2 tasks × 20 training examples, a global batch of 8, one epoch
+CLI = ["-m", "instructune.cli", "train"]
+# a checkpoint every step; the kill test holds after the checkpoint of step HOLD is written, until killed
+HOLD = 3
+WRAPPER = """
+import os, pathlib, sys, time
+import instructune.train.fsdp as fsdp
+markers, _real = pathlib.Path(sys.argv[1]), fsdp.save_sharded
+def patched(*a, **k):
+    _real(*a, **k)
+    if a[4]["step"] == {hold}:
+        (markers / f"rank{{os.environ['RANK']}}").write_text(str(os.getpid()))
+        time.sleep(3600)
+fsdp.save_sharded = patched
+from instructune.cli import main
+sys.argv = ["instructune", *sys.argv[2:]]
+main()
+"""
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1"}
+
+
+def _torchrun(*args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *map(str, args)]
+
+
+def _config(root: Path, model: Path, name: str, batch: int, **train) -> Path:
+    cfg = tiny_config(root / name, model, ("classification", "qa"), n_train=20, epochs=1, batch_size=batch,
+                      eval_every=2, **train)
+    return write_config(root, cfg, f"{name}.yaml")
+
+
+def _run(command: list[str]) -> str:
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done.stdout
+
+
+def _log(config: Path) -> list[dict]:
+    run = config.parent / config.stem / "run"
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def _run_dir(config: Path) -> Path:
+    return config.parent / config.stem / "run"
+
+
+def _close(a: list[dict], b: list[dict], key: str) -> float:
+    assert [e["step"] for e in a] == [e["step"] for e in b]
+    return max(abs(x[key] - y[key]) for x, y in zip(a, b) if key in x)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+FULL = dict(method="full", lr=1e-3, save_every=1)  # save_every: the checkpoints are written (and their cost) too
+
+
+@pytest.fixture(scope="module")
+def full_runs(tiny_model, tmp_path_factory):
+    """Full fine-tuning: one process with a batch of 8, and torchrun with 2 FSDP processes × 4."""
+    root = tmp_path_factory.mktemp("fsdp-full")
+    one = _config(root, tiny_model, "one", 8, **FULL)
+    two = _config(root, tiny_model, "two", 4, strategy="fsdp", **FULL)
+    _run([sys.executable, *CLI, str(one)])
+    out = _run(_torchrun("--standalone", "--nproc_per_node", 2, *CLI, two))
+    return SimpleNamespace(root=root, one=one, two=two, out=out, model=tiny_model)
+
+
+def test_full_finetuning_under_fsdp_equals_one_process_and_saves_a_plain_model(full_runs):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    one, two = _log(full_runs.one), _log(full_runs.two)
+    assert "fsdp: 2 layers and the rest of the model sharded over 2 processes" in full_runs.out
+    assert len(one) == len(two) == STEPS and one[-1]["loss"] < one[0]["loss"] - 0.01  # it trained
+    assert _close(one, two, "loss") < 1e-5 and _close(one, two, "val_loss") < 1e-5
+    assert [e["tokens"] for e in one] == [e["tokens"] for e in two]
+    # the gathered model: one standard safetensors folder, the single process's weights, loadable with no instructune
+    model_dir = _run_dir(full_runs.two) / "model"
+    assert json.loads((model_dir / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    a = AutoModelForCausalLM.from_pretrained(_run_dir(full_runs.one) / "model").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(full_runs.model).state_dict()
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert max((base[k] - b[k]).abs().max().item() for k in a) > 1e-3
+    assert set(load_file(str(model_dir / "model.safetensors"))) == set(load_file(str(_run_dir(full_runs.one) / "model" / "model.safetensors")))
+    assert not (_run_dir(full_runs.two) / "checkpoint").exists()  # removed once the model is saved
+
+
+def test_kill_9_mid_training_then_resume_gives_bit_identical_losses(full_runs):
+    root = full_runs.root
+    config = _config(root, full_runs.model, "cut", 4, strategy="fsdp", **FULL)
+    markers = root / "held"
+    markers.mkdir()
+    (root / "wrapper.py").write_text(WRAPPER.format(hold=HOLD))
+    proc = subprocess.Popen(_torchrun("--standalone", "--nproc_per_node", 2, root / "wrapper.py", markers, "train",
+                                      config), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while len(list(markers.iterdir())) < 2:  # both processes have written the checkpoint of step HOLD
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the run never reached step {HOLD}: {proc.stderr.read().decode()[-3000:]}")
+        time.sleep(0.1)
+    time.sleep(0.2)  # a marker's text is written after its file appears
+    for marker in markers.iterdir():  # kill -9 both workers, then their launcher
+        os.kill(int(marker.read_text()), signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run = _run_dir(config)
+    assert len(_log(config)) == HOLD and not (run / "model").exists()
+    checkpoint = run / "checkpoint"
+    assert json.loads((checkpoint / "meta.json").read_text())["step"] == HOLD
+    assert json.loads((run / "checkpoint.old" / "meta.json").read_text())["step"] == HOLD - 1  # rotated
+    shards = sorted(p.name for p in checkpoint.glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each process wrote its own shards
+    assert sorted(p.name for p in checkpoint.glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
+    sizes = [(checkpoint / s).stat().st_size for s in shards]
+    assert min(sizes) > 0.8 * max(sizes)  # about half of the weights and optimizer state each
+
+    _run(_torchrun("--standalone", "--nproc_per_node", 2, *CLI, config, "--resume"))
+    resumed, whole = _log(config), _log(full_runs.two)
+    assert [e["step"] for e in resumed] == list(range(1, STEPS + 1))
+    assert [e["loss"] for e in resumed] == [e["loss"] for e in whole]  # bit-identical, step for step
+    assert [e.get("val_loss") for e in resumed] == [e.get("val_loss") for e in whole]
+
+
+def test_two_simulated_nodes_on_loopback_equal_one_process(full_runs):
+    config = _config(full_runs.root, full_runs.model, "nodes", 4, strategy="fsdp", **FULL)
+    port = _free_port()
+    nodes = [subprocess.Popen(_torchrun("--nnodes", 2, "--node_rank", rank, "--nproc_per_node", 1, "--rdzv_backend",
+                                        "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "fsdp-test",
+                                        "--local_addr", "127.0.0.1", *CLI, config),
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    for node in nodes:
+        out, err = node.communicate(timeout=300)
+        assert node.returncode == 0, (out + err)[-3000:]
+    one, two = _log(full_runs.one), _log(config)
+    assert len(two) == STEPS and _close(one, two, "loss") < 1e-5 and _close(one, two, "val_loss") < 1e-5
+    assert json.loads((_run_dir(config) / "model" / "instructune.json").read_text())  # process 0 saved the model
+
+
+def test_lora_from_an_accelerate_fsdp_launch_equals_one_process(tmp_path, tiny_model):
+    """`accelerate launch --use_fsdp` sets ACCELERATE_USE_FSDP: the config says nothing of a strategy, and the run
+    still takes the FSDP path (the frozen base sharded, the adapter trained)."""
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+
+    lora = dict(method="lora", lora={"dropout": 0.0}, lr=1e-2)
+    one, two = _config(tmp_path, tiny_model, "one", 8, **lora), _config(tmp_path, tiny_model, "two", 4, **lora)
+    _run([sys.executable, *CLI, str(one)])
+    out = _run([sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2",
+                "--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+                "--dynamo_backend", "no", *CLI, str(two)])
+    assert "sharded over 2 processes" in out
+    a, b = _log(one), _log(two)
+    assert len(a) == STEPS and _close(a, b, "loss") < 1e-5 and _close(a, b, "val_loss") < 1e-5
+    adapter_a = load_file(str(_run_dir(one) / "model" / "adapter_model.safetensors"))
+    adapter_b = load_file(str(_run_dir(two) / "model" / "adapter_model.safetensors"))
+    assert adapter_a.keys() == adapter_b.keys() and adapter_b
+    assert max((adapter_a[k] - adapter_b[k]).abs().max().item() for k in adapter_a) < 1e-5
+    loaded = AutoPeftModelForCausalLM.from_pretrained(_run_dir(two) / "model")  # plain peft, no instructune code
+    mine = {n: p for n, p in loaded.named_parameters() if "lora_B" in n}
+    assert mine and all(p.abs().max() > 0 for p in mine.values())  # lora_B starts at zero: it was trained
+
+
+def _shard_worker(rank: int, model_dir: str, store: str, out: str) -> None:
+    """One of 2 processes: shard the tiny model, take one AdamW step, record the local sizes, gather the model."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import AutoModelForCausalLM
+
+    from instructune.train import fsdp
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        reference = copy.deepcopy(model)  # the same step unsharded
+        full = {n: p.numel() for n, p in model.named_parameters()}
+        fsdp.shard(model, False, 2)
+        local = {n: p.to_local().numel() for n, p in model.named_parameters()}
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+        for m in (model, reference):
+            optimizer = torch.optim.AdamW(m.parameters(), lr=1e-2)
+            m(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            if m is model:
+                state = sum(t.to_local().numel() for s in optimizer.state.values() for k, t in s.items() if k != "step")
+        plain = fsdp.gathered(model)
+        result = {"full": full, "local": local, "state": state,
+                  "wrapped": sum(isinstance(m, FSDPModule) for m in model.modules())}
+        if rank == 0:
+            ref = reference.state_dict()
+            result.update(cls=type(plain).__name__, tied=plain.lm_head.weight is plain.model.embed_tokens.weight,
+                          diff=max((plain.state_dict()[k] - ref[k]).abs().max().item() for k in ref),
+                          moved=max((plain.state_dict()[k] - v).abs().max().item()
+                                    for k, v in AutoModelForCausalLM.from_pretrained(model_dir).state_dict().items()))
+        else:
+            result["plain"] = plain
+        Path(out, f"{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_process_holds_half_of_the_weights_and_optimizer_state(tmp_path, tiny_model):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_shard_worker, args=(str(tiny_model), str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    full = ranks[0]["full"]
+    total = sum(full.values())
+    assert all(r["wrapped"] == 3 for r in ranks)  # 2 decoder layers, then the root
+    for name, n in full.items():  # every parameter split in two (by rows), none kept whole
+        assert sum(r["local"][name] for r in ranks) == n and max(r["local"][name] for r in ranks) < n
+    for r in ranks:
+        assert 0.45 * total < sum(r["local"].values()) < 0.55 * total
+        assert 0.45 * 2 * total < r["state"] < 0.55 * 2 * total  # AdamW's two moments of this process's half
+    # gathered: process 0 gets a plain model (tied weights kept) equal to the unsharded step; the others nothing
+    assert ranks[0]["cls"] == "LlamaForCausalLM" and ranks[0]["tied"] and ranks[1]["plain"] is None
+    assert ranks[0]["diff"] < 1e-6 and ranks[0]["moved"] > 1e-3
+
+
+def test_what_fsdp_cannot_do_yet_is_refused_by_name(tiny_model, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from instructune.train import fsdp
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    fsdp.check_supported(model, TrainConfig(strategy="fsdp"), None)  # sdpa: the shared prefix is fused, one pass
+    with pytest.raises(InstructuneError, match="eval_metric") as e:
+        fsdp.check_supported(model, TrainConfig(strategy="fsdp", eval_metric=True), lambda m: 0.0)
+    assert e.value.where == "train.strategy"
+    model.config._attn_implementation = "flash_attention_2"  # no 4-D mask: the prefix would be a pass of its own
+    with pytest.raises(InstructuneError, match="train.share_prefix: 0") as e:
+        fsdp.check_supported(model, TrainConfig(strategy="fsdp"), None)
+    assert e.value.where == "train.strategy"
+    fsdp.check_supported(model, TrainConfig(strategy="fsdp", share_prefix=0), None)
+    # which runs shard: fsdp asked for (in the config or by an accelerate FSDP launch), with several processes
+    assert fsdp.wanted(TrainConfig(strategy="fsdp"), 2) and not fsdp.wanted(TrainConfig(strategy="fsdp"), 1)
+    assert not fsdp.wanted(TrainConfig(), 2)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert fsdp.wanted(TrainConfig(), 2)
