@@ -36,8 +36,10 @@ from instructune.config import ExperimentConfig, load_config  # noqa: E402
 from instructune.evaluate.generate import generate  # noqa: E402
 from instructune.evaluate.likelihood import classify_by_likelihood  # noqa: E402
 from instructune.evaluate.metrics import PRIMARY_METRIC, compute_metrics  # noqa: E402
-from instructune.experiment import _load_for_inference, prepare, prompts_for  # noqa: E402
-from instructune.train.loop import autocast  # noqa: E402
+from instructune.models import load_for_inference  # noqa: E402
+from instructune.prompts.shots import kshot_prompts  # noqa: E402
+from instructune.runtime import autocast  # noqa: E402
+from instructune.tasks import prepare  # noqa: E402
 
 
 SHARED_EMAILS = ROOT.parent / "shared" / "datasets" / "email-subjects" / "emails.jsonl"
@@ -171,11 +173,11 @@ def main(argv=None) -> None:
     prep = prepare(cfg)
     task = next(t for t in prep.tasks if (t.name == args.task if args.task else t.template.type == "classification"))
     choices = task.template.choices
-    prompts = prompts_for(task, 0, cfg.seed, prep.context_length)
+    prompts = kshot_prompts(task.fmt, task.pairs["test"], task.pairs["train"], 0, cfg.seed, task.name, prep.context_length)
     refs = [p.completion for p in task.pairs["test"]]
     n = min(args.limit or len(prompts), len(prompts))
     prompts, refs = prompts[:n], refs[:n]
-    model = _load_for_inference(prep.model_source, cfg)
+    model = load_for_inference(prep.model_source, cfg.model)
     say(f"model {cfg.model.name} ({prep.model_source}), task {task.name}: {n} test prompts (0-shot), "
         f"choices {choices}, generation max_new_tokens {task.template.max_new_tokens}")
     rows = []
@@ -214,9 +216,10 @@ def main(argv=None) -> None:
         if gen_cfg is not None:
             gen_prep = prepare(gen_cfg)
             if gen_prep.model_source != prep.model_source:
-                model = _load_for_inference(gen_prep.model_source, gen_cfg)
+                model = load_for_inference(gen_prep.model_source, gen_cfg.model)
             gtask = gen_prep.tasks[0]
-            gprompts = prompts_for(gtask, 0, gen_cfg.seed, gen_prep.context_length)[:args.limit_per_example]
+            gprompts = kshot_prompts(gtask.fmt, gtask.pairs["test"], gtask.pairs["train"], 0, gen_cfg.seed, gtask.name,
+                                      gen_prep.context_length)[:args.limit_per_example]
             grefs = [p.completion for p in gtask.pairs["test"]][:len(gprompts)]
             compare_batching(model, gtask, gprompts, grefs, args, rows)
 

@@ -11,7 +11,7 @@ its local safetensors folder) with the same LoRA adapter (r=16, alpha=32, dropou
 linear layers), AdamW (no weight decay, gradient clipping at 1.0), learning rate 5e-4 on a linear schedule with the
 same warm-up (`--warmup-steps`, default 0: with warm-up, transformers' schedule starts at lr 0 and instructune's at
 lr/(warmup+1), the one place they differ), batch size 8, fp32 unless `--bf16`, on the same examples in the same
-order: instructune's own, prepared by `instructune.experiment.prepare` and encoded by the task's `PromptFormat`
+order: instructune's own, prepared by `instructune.tasks.prepare` and encoded by the task's `PromptFormat`
 (prompt tokens masked, completion and end token trained). TRL gets the very same token ids as a pre-tokenized
 dataset (`input_ids` + `completion_mask`, `completion_only_loss=True`) already in instructune's step order
 (length-grouped) and reads it sequentially (`train_sampling_strategy="sequential"`), so step N of each tool sees
@@ -59,7 +59,7 @@ def peak_rss_mib() -> float:
 
 def prepared(config: str, model: str, steps: int):
     from instructune.config import load_config
-    from instructune.experiment import prepare
+    from instructune.tasks import prepare
 
     cfg = load_config(str(ROOT / config) if not Path(config).is_absolute() else config, [f"model.name={model}"])
     prep = prepare(cfg)
@@ -73,7 +73,7 @@ def prepared(config: str, model: str, steps: int):
 
 def step_order(encoded) -> list[int]:
     """instructune's order of the examples in its first epoch (seed 0): its optimizer steps, one after the other."""
-    from instructune.train.collate import length_grouped_batches
+    from instructune.train.batching import length_grouped_batches
 
     return [i for group in length_grouped_batches([len(e.input_ids) for e in encoded], BATCH, 0) for i in group]
 
@@ -81,7 +81,7 @@ def step_order(encoded) -> list[int]:
 def run_instructune(args, cfg, prep, encoded) -> dict:
     import torch
 
-    from instructune.experiment import training_model
+    from instructune.models import training_model
     from instructune.train.loop import train
 
     torch.manual_seed(0)

@@ -85,18 +85,45 @@ def _free_port() -> int:
 FULL = dict(method="full", lr=1e-3, save_every=1)  # save_every: the checkpoints are written (and their cost) too
 
 
+def _one_process(config: Path) -> None:
+    """The reference: one process, in this one (its imports are paid already)."""
+    from typer.testing import CliRunner
+
+    from instructune.cli import app
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HF_HUB_OFFLINE", "1")
+        result = CliRunner().invoke(app, ["train", str(config)])
+    assert result.exit_code == 0, result.output[-3000:]
+
+
+def _two_nodes(config: Path) -> str:
+    """Two simulated machines on the loopback address: two torchrun launches of one process each, meeting at a
+    c10d rendezvous, as `torchrun --nnodes 2 --node_rank R --rdzv_endpoint HOST:PORT` on two real ones."""
+    port = _free_port()
+    nodes = [subprocess.Popen(_torchrun("--nnodes", 2, "--node_rank", rank, "--nproc_per_node", 1, "--rdzv_backend",
+                                        "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "fsdp-test",
+                                        "--local_addr", "127.0.0.1", *CLI, config),
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outs = [node.communicate(timeout=300) for node in nodes]
+    for node, (out, err) in zip(nodes, outs):
+        assert node.returncode == 0, (out + err)[-3000:]
+    return "".join(out for out, _ in outs)
+
+
 @pytest.fixture(scope="module")
 def full_runs(tiny_model, tmp_path_factory):
-    """Full fine-tuning: one process with a batch of 8, and torchrun with 2 FSDP processes × 4."""
+    """Full fine-tuning: one process with a batch of 8, and 2 FSDP processes × 4 on two simulated nodes."""
     root = tmp_path_factory.mktemp("fsdp-full")
     one = _config(root, tiny_model, "one", 8, **FULL)
     two = _config(root, tiny_model, "two", 4, strategy="fsdp", **FULL)
-    _run([sys.executable, *CLI, str(one)])
-    out = _run(_torchrun("--standalone", "--nproc_per_node", 2, *CLI, two))
+    _one_process(one)
+    out = _two_nodes(two)
     return SimpleNamespace(root=root, one=one, two=two, out=out, model=tiny_model)
 
 
-def test_full_finetuning_under_fsdp_equals_one_process_and_saves_a_plain_model(full_runs):
+def test_full_finetuning_on_two_simulated_nodes_equals_one_process_and_saves_a_plain_model(full_runs):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -114,7 +141,8 @@ def test_full_finetuning_under_fsdp_equals_one_process_and_saves_a_plain_model(f
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert max((base[k] - b[k]).abs().max().item() for k in a) > 1e-3
-    assert set(load_file(str(model_dir / "model.safetensors"))) == set(load_file(str(_run_dir(full_runs.one) / "model" / "model.safetensors")))
+    files = [load_file(str(_run_dir(c) / "model" / "model.safetensors")) for c in (full_runs.one, full_runs.two)]
+    assert files[0].keys() == files[1].keys()  # the same tensors saved (tied weights once)
     assert not (_run_dir(full_runs.two) / "checkpoint").exists()  # removed once the model is saved
 
 
@@ -149,26 +177,11 @@ def test_kill_9_mid_training_then_resume_gives_bit_identical_losses(full_runs):
     assert min(sizes) > 0.8 * max(sizes)  # about half of the weights and optimizer state each
 
     _run(_torchrun("--standalone", "--nproc_per_node", 2, *CLI, config, "--resume"))
+    # the uninterrupted run is the two-node one: 2 processes either way, and gloo reduces in rank order alone
     resumed, whole = _log(config), _log(full_runs.two)
     assert [e["step"] for e in resumed] == list(range(1, STEPS + 1))
     assert [e["loss"] for e in resumed] == [e["loss"] for e in whole]  # bit-identical, step for step
     assert [e.get("val_loss") for e in resumed] == [e.get("val_loss") for e in whole]
-
-
-def test_two_simulated_nodes_on_loopback_equal_one_process(full_runs):
-    config = _config(full_runs.root, full_runs.model, "nodes", 4, strategy="fsdp", **FULL)
-    port = _free_port()
-    nodes = [subprocess.Popen(_torchrun("--nnodes", 2, "--node_rank", rank, "--nproc_per_node", 1, "--rdzv_backend",
-                                        "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "fsdp-test",
-                                        "--local_addr", "127.0.0.1", *CLI, config),
-                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank in (0, 1)]
-    for node in nodes:
-        out, err = node.communicate(timeout=300)
-        assert node.returncode == 0, (out + err)[-3000:]
-    one, two = _log(full_runs.one), _log(config)
-    assert len(two) == STEPS and _close(one, two, "loss") < 1e-5 and _close(one, two, "val_loss") < 1e-5
-    assert json.loads((_run_dir(config) / "model" / "instructune.json").read_text())  # process 0 saved the model
 
 
 def test_lora_from_an_accelerate_fsdp_launch_equals_one_process(tmp_path, tiny_model):
@@ -179,7 +192,7 @@ def test_lora_from_an_accelerate_fsdp_launch_equals_one_process(tmp_path, tiny_m
 
     lora = dict(method="lora", lora={"dropout": 0.0}, lr=1e-2)
     one, two = _config(tmp_path, tiny_model, "one", 8, **lora), _config(tmp_path, tiny_model, "two", 4, **lora)
-    _run([sys.executable, *CLI, str(one)])
+    _one_process(one)
     out = _run([sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2",
                 "--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
                 "--dynamo_backend", "no", *CLI, str(two)])
@@ -231,9 +244,41 @@ def _shard_worker(rank: int, model_dir: str, store: str, out: str) -> None:
                                     for k, v in AutoModelForCausalLM.from_pretrained(model_dir).state_dict().items()))
         else:
             result["plain"] = plain
+        result["lora_resumed"] = _lora_round_trip(model_dir, Path(out, "lora-checkpoint"))
         Path(out, f"{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
+
+
+def _lora_round_trip(model_dir: str, folder: Path) -> bool:
+    """A sharded LoRA model after one step, checkpointed (`save_sharded`) and loaded into a fresh one (`load_sharded`):
+    whether the next step leaves both with the same adapter shards (weights and AdamW moments restored)."""
+    from transformers import AutoModelForCausalLM
+
+    from instructune.config import LoraConfig
+    from instructune.models import wrap_lora
+    from instructune.train import fsdp
+    from instructune.train.loop import make_optimizer
+
+    ids, models = torch.tensor([[5, 6, 7, 8, 9, 10]]), []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = fsdp.shard(wrap_lora(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig()), False, 2)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        models.append((model, named, *make_optimizer([p for _, p in named], TrainConfig(lr=0.1), 10, ids.device)))
+
+    def step(model, named, optimizer, scheduler):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+
+    step(*models[0])
+    fsdp.save_sharded(folder, models[0][0], *models[0][2:], {"step": 1}, None, {})
+    fsdp.load_sharded(folder, models[1][0], *models[1][2:], models[1][1])
+    for m in models:
+        step(*m)
+    return all(torch.equal(a.to_local(), b.to_local()) for (_, a), (_, b) in zip(models[0][1], models[1][1]))
 
 
 def test_each_process_holds_half_of_the_weights_and_optimizer_state(tmp_path, tiny_model):
@@ -252,6 +297,7 @@ def test_each_process_holds_half_of_the_weights_and_optimizer_state(tmp_path, ti
     # gathered: process 0 gets a plain model (tied weights kept) equal to the unsharded step; the others nothing
     assert ranks[0]["cls"] == "LlamaForCausalLM" and ranks[0]["tied"] and ranks[1]["plain"] is None
     assert ranks[0]["diff"] < 1e-6 and ranks[0]["moved"] > 1e-3
+    assert all(r["lora_resumed"] for r in ranks)  # a sharded LoRA checkpoint restores weights and optimizer state
 
 
 def test_what_fsdp_cannot_do_yet_is_refused_by_name(tiny_model, monkeypatch):

@@ -85,7 +85,7 @@ def gguf_outputs(run_dir, gguf_path, limit: int | None = None) -> dict[str, list
 
 
 def llama_cpp_outputs(run_dir, gguf_path, limit: int | None = None, n_threads: int | None = None,
-                      n_ctx: int = 4096) -> tuple[dict[str, list[str]], float]:
+                      n_ctx: int = 4096, prompts: dict[str, list[str]] | None = None) -> tuple[dict[str, list[str]], float]:
     """Greedy answers of real llama.cpp (llama-cpp-python, imported only here) on the same prompt text, tokenized by
     the GGUF's own vocabulary, stopping at the GGUF's end-of-generation tokens; and llama.cpp's generated tokens/s."""
     try:
@@ -103,7 +103,7 @@ def llama_cpp_outputs(run_dir, gguf_path, limit: int | None = None, n_threads: i
     for name, t in test_prompts(run_dir, limit).items():
         fmt = PromptFormat(None, chat, t["template"].separator)
         answers = []
-        for prompt in t["prompts"]:
+        for prompt in (prompts or {}).get(name, t["prompts"]):  # e.g. rendered with the GGUF's own chat template
             # a chat prompt carries its own BOS as text; a plain prompt gets the tokenizer's, as in training
             ids = llm.tokenize(prompt.encode("utf-8"), add_bos=not chat, special=True)
             llm.reset()

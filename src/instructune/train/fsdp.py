@@ -44,12 +44,13 @@ def shard(model, bf16: bool, world: int):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(next(model.parameters()).device.type, (world,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+              else MixedPrecisionPolicy())
     layers = decoder_layers(model)
     if not layers:
         warn(f"{type(model).__name__} names no layer class to shard one by one: the whole model is one unit, "
              "gathered whole at each pass")
-    for layer in layers:
+    for layer in reversed(layers):  # inner units before the ones around them (FSDP2 wraps bottom-up)
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     if torch.distributed.get_rank() == 0:
@@ -59,23 +60,27 @@ def shard(model, bf16: bool, world: int):
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
-    """The model's repeated blocks: the classes transformers keeps whole when it splits a model (`_no_split_modules`)."""
+    """The model's repeated blocks: the classes transformers keeps whole when it splits a model
+    (`_no_split_modules`)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or ())
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def _options():
+def _options(loading: bool = False):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=True)  # LoRA: the base is reloaded from its source, not checkpointed
+    # LoRA: the frozen base is reloaded from its source, not checkpointed, so loading leaves it out (not strict); every
+    # trainable key is still required, by `dcp.load`
+    return StateDictOptions(ignore_frozen_params=True, strict=not loading)
 
 
 def save_sharded(folder: Path, model, optimizer, scheduler, state: dict, best_weights: dict | None = None,
                  meta: dict | None = None) -> None:
     """A checkpoint every process writes its own shards of (`torch.distributed.checkpoint`), atomic and rotated like
     `save_checkpoint`'s: one temporary folder, renamed into place by process 0 once every process has written, the
-    previous one kept as `<folder>.old`. Called by every process; the folder must be on a file system all nodes share."""
+    previous one kept as `<folder>.old`. Called by every process; the folder must be on a file system all machines
+    share."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -95,7 +100,7 @@ def save_sharded(folder: Path, model, optimizer, scheduler, state: dict, best_we
 @contextlib.contextmanager
 def _shared_folder(folder: Path, rank: int):
     """Process 0 makes the temporary folder and tells the others its name; after every process has written into it
-    (a barrier), process 0 renames it into place (`replaced_folder`)."""
+    (a barrier), process 0 renames it into place (`replaced_folder`), and no process goes on before it is there."""
     import torch.distributed as dist
 
     if rank == 0:
@@ -103,6 +108,7 @@ def _shared_folder(folder: Path, rank: int):
             dist.broadcast_object_list([str(tmp)], src=0)
             yield tmp
             dist.barrier()
+        dist.barrier()
         return
     name = [None]
     dist.broadcast_object_list(name, src=0)
@@ -112,6 +118,7 @@ def _shared_folder(folder: Path, rank: int):
                                "train.strategy: fsdp on several machines, output_dir must be on a file system every "
                                "machine shares", "output_dir")
     yield tmp
+    dist.barrier()
     dist.barrier()
 
 
@@ -134,7 +141,7 @@ def load_sharded(folder: Path, model, optimizer, scheduler, named) -> tuple[dict
     except (OSError, RuntimeError, EOFError, ValueError, KeyError) as e:
         raise damaged(folder, f"{type(e).__name__}: {str(e)[:200]}") from None
     set_state_dict(model, optimizer, model_state_dict=content["model"], optim_state_dict=content["optimizer"],
-                   options=_options())
+                   options=_options(loading=True))
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(rng)
     return state, content.get("best")
