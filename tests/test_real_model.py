@@ -38,7 +38,8 @@ def test_smollm2_preset_fine_tunes_a_demo_task(tmp_path, monkeypatch, shared_cac
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     task = results["tasks"]["tickets"]
-    assert set(task["results"]) == {"base_0shot", "base_1shot", "base_2shot", "finetuned"}
+    assert set(task["results"]) == {"base_0shot", "base_1shot", "base_2shot", "classical", "finetuned"}
+    assert task["classical"]["method"] == "tfidf-logreg" and "classical" in task["change"]
     log = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["val_loss"] < 2.0  # a real model learns the label format within 4 steps (random: ~10)
     # the adapter folder is a standard PEFT folder that names its (cached, safetensors) base model
