@@ -4,7 +4,6 @@ status (EXIT_HELP), never in a traceback."""
 from __future__ import annotations
 
 import functools
-import json
 import signal
 import sys
 import time

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from ..errors import InstructuneError
 from ..io import atomic_write, replaced_folder, write_json
-from ..models import MANIFEST
+from ..models import MANIFEST, read_manifest
 from .card import model_card
-from .source import (EXPORT_MARKER, check_output_folder, full_precision_model, model_folder, read_manifest,
+from .source import (EXPORT_MARKER, check_output_folder, full_precision_model, model_folder,
                      tokenizer_and_format)
 
 DTYPES = ("float32", "bfloat16", "float16")

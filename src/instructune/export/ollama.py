@@ -16,7 +16,8 @@ from ..prompts.format import SHOT_DELIMITER
 from ..prompts.library import FIELDS
 from .gotemplate import go_template
 from .merged import end_token_ids
-from .source import EXPORT_MARKER, check_output_folder, model_folder, read_manifest, tokenizer_and_format
+from ..models import read_manifest
+from .source import EXPORT_MARKER, check_output_folder, model_folder, tokenizer_and_format
 
 
 @dataclass

@@ -12,7 +12,8 @@ from ..evaluate.generate import generate
 from ..evaluate.metrics import PRIMARY_METRIC, compute_metrics
 from ..io import read_json
 from ..prompts import PromptFormat, TaskTemplate
-from .source import full_precision_model, model_folder, read_manifest, tokenizer_and_format
+from ..models import read_manifest
+from .source import full_precision_model, model_folder, tokenizer_and_format
 
 
 def parity(reference: list[str], exported: list[str]) -> dict:

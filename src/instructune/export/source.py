@@ -3,12 +3,11 @@ output folders that are safe to write."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..config import ModelConfig
 from ..errors import InstructuneError
-from ..models import MANIFEST, check_model_folder, load_model, load_tokenizer, read_manifest
+from ..models import MANIFEST, check_model_folder, load_model, load_tokenizer
 from ..prompts import PromptFormat
 
 EXPORT_MARKER = ".instructune-export"  # written into every folder an export made, so a rerun may replace it

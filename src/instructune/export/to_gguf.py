@@ -12,7 +12,8 @@ import numpy as np
 
 from ..errors import InstructuneError
 from .merged import end_token_ids
-from .source import full_precision_model, model_folder, read_manifest, tokenizer_and_format
+from ..models import read_manifest
+from .source import full_precision_model, model_folder, tokenizer_and_format
 from .vocab import build_vocab
 
 ARCHITECTURES = {"LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA, "Gemma3ForCausalLM": gguf.MODEL_ARCH.GEMMA3}
