@@ -29,7 +29,8 @@ from instructune.config import load_config  # noqa: E402
 from instructune.data import read_sources, split_sources  # noqa: E402
 from instructune.evaluate.generate import generate  # noqa: E402
 from instructune.export import export_gguf, llama_cpp_outputs, parity_report, test_prompts  # noqa: E402
-from instructune.export.source import full_precision_model, model_folder, read_manifest, tokenizer_and_format  # noqa: E402
+from instructune.export.source import full_precision_model, model_folder, tokenizer_and_format  # noqa: E402
+from instructune.models import read_manifest  # noqa: E402
 from instructune.prompts import PromptFormat  # noqa: E402
 from instructune.tasks import label_getter  # noqa: E402
 

@@ -24,6 +24,15 @@ CORPUS = [
 ] * 4
 
 
+def processes_with_a_gpu_each(n: int):
+    """Skip where the processes would not each have a device: a machine with 1..n-1 GPUs (CPU-only machines run
+    n gloo processes)."""
+    import torch
+
+    return pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < n,
+                              reason=f"{n} processes need {n} GPUs on a GPU machine")
+
+
 def build_tiny_model(path: Path, chat: bool = True, seed: int = 0) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

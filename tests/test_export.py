@@ -154,6 +154,25 @@ def test_gguf_f16_loads_back_with_same_tokens_logits_and_greedy_outputs(tmp_path
     assert _greedy(back, ids) == _greedy(ref, ids)
 
 
+@pytest.mark.parametrize("which", ["llama", "gemma3"])
+def test_real_llama_cpp_loads_the_gguf_with_the_same_tokens_and_logits(tmp_path, tiny_run, gemma_run, which):
+    """Real llama.cpp (llama-cpp-python: not a dependency, it builds llama.cpp; skipped where not installed) reads the
+    export as it is: the metadata names it knows (a wrong pre-tokenizer name is a load failure), the same token ids
+    for the chat prompts, and next-token logits within f16 rounding of the evaluated model's."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    run = tiny_run if which == "llama" else gemma_run
+    path = export_gguf(run, tmp_path / "m.gguf", "f16")
+    ref = full_precision_model(run / "model", _manifest(run))
+    tok, texts = _chat_prompts(run)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, logits_all=True, verbose=False)
+    for ids, logits in zip(_encode(tok, texts), _logits(ref, _encode(tok, texts))):
+        assert llm.tokenize(tok.decode(ids).encode(), add_bos=False, special=True) == ids
+        llm.reset()
+        llm.eval(ids)
+        got = torch.tensor(llm.scores[len(ids) - 1])
+        assert (got - logits[-1]).abs().max().item() < 2e-2
+
+
 def test_gguf_holds_chat_template_end_ids_and_task_templates(tmp_path, tiny_run, gemma_run):
     from transformers import AutoTokenizer
 
@@ -171,7 +190,7 @@ def test_gguf_holds_chat_template_end_ids_and_task_templates(tmp_path, tiny_run,
     assert sorted(value("instructune.end_token_ids")) == sorted(tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]))
     assert json.loads(value("instructune.tasks")) == _manifest(tiny_run)["tasks"]
     assert value("instructune.chat_template_used") is True
-    assert value("tokenizer.ggml.model") == "gpt2" and value("tokenizer.ggml.pre") == "gpt2"
+    assert value("tokenizer.ggml.model") == "gpt2" and value("tokenizer.ggml.pre") == "gpt-2"
     types = {t.name: t.tensor_type for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32

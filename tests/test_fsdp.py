@@ -17,10 +17,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import tiny_config, write_config
+from conftest import processes_with_a_gpu_each, tiny_config, write_config
 from instructune.config import TrainConfig
 from instructune.errors import InstructuneError
 
+pytestmark = processes_with_a_gpu_each(2)
 STEPS = 5  # 2 tasks × 20 training examples, a global batch of 8, one epoch
 CLI = ["-m", "instructune.cli", "train"]
 # a checkpoint every step; the kill test holds after the checkpoint of step HOLD is written, until killed

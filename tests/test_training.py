@@ -7,9 +7,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
-from conftest import tiny_config, write_config
+from conftest import processes_with_a_gpu_each, tiny_config, write_config
 from instructune.config import ExperimentConfig
 from instructune.models import load_model
 from instructune.tasks import prepare
@@ -118,7 +119,10 @@ def test_sigkill_and_resume_equals_the_uninterrupted_run(tmp_path, tiny_model):
     subprocess.run(_train_cli(config, "--resume"), check=True, env=env, capture_output=True)
     resumed = [json.loads(line) for line in log.read_text().splitlines()]
     assert [e["step"] for e in resumed] == list(range(1, 13))
-    assert [e["loss"] for e in resumed] == [e["loss"] for e in expected]  # bit-identical, step for step
+    if torch.cuda.is_available():  # CUDA kernels may reduce in another order from run to run
+        assert [e["loss"] for e in resumed] == pytest.approx([e["loss"] for e in expected], rel=1e-5)
+    else:
+        assert [e["loss"] for e in resumed] == [e["loss"] for e in expected]  # bit-identical, step for step
     assert [e.get("val_loss") for e in resumed] == [e.get("val_loss") for e in expected]
     assert not (run / "checkpoint").exists()  # removed once the model is saved
     from safetensors.torch import load_file
@@ -128,6 +132,7 @@ def test_sigkill_and_resume_equals_the_uninterrupted_run(tmp_path, tiny_model):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@processes_with_a_gpu_each(2)
 def test_two_process_ddp_equals_one_process(tmp_path, tiny_model):
     """`accelerate launch --multi_gpu --num_processes 2` on a CPU machine (gloo): batch 4 per process = one process
     with batch 8. (`accelerate launch --cpu` would want MPI for several processes; torchrun works too.)"""
@@ -192,7 +197,7 @@ def test_metric_validation_early_stopping_and_best_weights(tmp_path, tiny_model)
 def test_bf16_lora_keeps_frozen_weights_bf16_and_the_adapter_fp32(tmp_path, tiny_model):
     from safetensors.torch import load_file
 
-    from conftest import tiny_config, write_config
+    from conftest import processes_with_a_gpu_each, tiny_config, write_config
     from instructune.models import training_model
 
     cfg = ExperimentConfig.model_validate(tiny_config(tmp_path, tiny_model, ("classification",), n_train=16,

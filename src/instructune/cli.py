@@ -149,6 +149,50 @@ def train(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", 
 
 @app.command()
 @handles_errors
+def plan(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+         processes: int = typer.Option(1, min=1, max=100_000, help="training processes (GPUs, or CPU processes)"),
+         strategy: Optional[str] = typer.Option(None, help="ddp or fsdp (default: both, side by side)"),
+         device_memory: Optional[float] = typer.Option(None, min=0.001, help="GB one process may use (default: "
+                                                       "this machine's GPU, or its memory on a CPU)")):
+    """Memory per training process before a run: weights, gradients, optimizer state and activations (for the
+    config's model, batch size and the longest training examples), under DDP and FSDP, and whether it fits.
+    Reads the model's config only, never its weights.
+
+    Example: instructune plan configs/demo.yaml --set train.method=full --processes 8 --device-memory 80"""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .experiment import memory_plan
+    from .tasks import prepare
+    from .train.memory import GB, device_memory as local_memory
+
+    if strategy not in (None, "ddp", "fsdp"):
+        raise InstructuneError(f"--strategy must be ddp or fsdp, not {strategy!r}", "--strategy")
+    cfg = _config(config, set_)
+    prep = prepare(cfg)
+    train_set = [e for t in prep.tasks for e in t.encoded("train", cfg.train.max_length)]
+    limit, where = ((device_memory * GB, f"{device_memory:g} GB (--device-memory)") if device_memory
+                    else local_memory())
+    planner = memory_plan(prep, train_set)
+    plans = [planner(s, processes) for s in ([strategy] if strategy else ["ddp", "fsdp"])]
+    table = Table(title=f"{cfg.name}: {cfg.train.method} fine-tuning, {processes} process(es), GB per process")
+    parts = list(plans[0].parts)
+    for col in ["strategy", *parts, "peak", f"fits {limit / GB:.0f} GB"]:
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    for p in plans:
+        table.add_row(p.strategy, *(f"{p.parts[k] / GB:.2f}" for k in parts), f"{p.peak / GB:.2f}",
+                      "yes" if p.fits(limit) else "no")
+    Console(width=max(110, Console().width)).print(table)
+    typer.echo(f"device memory: {where}; the peak is weights + optimizer + gathered + runtime + the larger of "
+               "activations and gradients; it fits when at most 90 % of the memory (see `instructune.train.memory`)")
+    if "fsdp" in [p.strategy for p in plans] and not plans[-1].fits(limit):
+        fits = next((n for n in range(processes + 1, 4097) if planner("fsdp", n).fits(limit)), None)
+        typer.echo(f"fsdp fits from {fits} processes" if fits else "fsdp does not fit at any process count: "
+                   "use LoRA, a shorter train.max_length or a smaller train.batch_size")
+
+
+@app.command()
+@handles_errors
 def evaluate(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP)):
     """Evaluate the fine-tuned model of the run on the test split (writes finetuned.json)."""
     from .experiment import output_key, run_evaluate

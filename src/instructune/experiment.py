@@ -7,6 +7,7 @@ was made from (`rundir.begin`/`finish`); redoing a stage first removes what depe
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from .evaluate.classical import classical_variant
 from .evaluate.score import answer, primary, score, validation_scorer
 from .io import atomic_write, write_json
 from . import rundir
-from .models import count_parameters, load_finetuned, load_for_inference, save_model, training_model
+from .models import count_parameters, load_finetuned, load_for_inference, model_config, save_model, training_model
 from .prompts import Pair, PromptFormat, TaskTemplate
 from .prompts.shots import kshot_prompts
 from .report import write_report
@@ -27,7 +28,8 @@ from .runtime import distributed, is_main_process, say
 from .tasks import Prepared, data_fingerprint, data_stats, manifest, prepare
 from .train.audit import audit_masking
 from .train.checkpoint import newest_checkpoint
-from .train.fsdp import gathered
+from .train import memory
+from .train.fsdp import gathered, wanted as shards
 from .train.loop import train
 from .train.loss import perplexity
 
@@ -156,6 +158,10 @@ def run_train(prep: Prepared, run_dir: Path, resume: bool = False) -> Path:
     audit = audit_masking(train_set, set().union(*(t.fmt.end_ids() for t in prep.tasks)), "train split")
     say(f"masking audit: {audit['supervised_tokens']:,} of {audit['tokens']:,} tokens supervised "
         f"({100 * audit['supervised_share']:.1f} %), end-of-sequence supervised in every example")
+    world = distributed()[1]
+    planned = memory_plan(prep, train_set)("fsdp" if shards(cfg.train, world) else "ddp", world)
+    say(f"memory plan: {planned.line()}")
+    memory.reset_peak(next(model.parameters()).device)
     if resume and not newest_checkpoint(checkpoint):
         say("no checkpoint to resume from: training from the start")
     scorer = None
@@ -165,19 +171,32 @@ def run_train(prep: Prepared, run_dir: Path, resume: bool = False) -> Path:
     log = train(model, train_set, val_set, cfg.train, prep.tokenizer.pad_token_id, cfg.seed,
                 log_path=run_dir / "train_log.jsonl", checkpoint_dir=checkpoint, resume=resume,
                 tensorboard_dir=run_dir / "tensorboard" if cfg.train.tensorboard else None, score_fn=scorer,
-                checkpoint_meta=inputs)
+                checkpoint_meta=inputs, measured=(measured := {}))
     _say_kept_step(cfg, log)
+    say(f"peak memory per process: {max(measured['peak']) / memory.GB:.2f} GB (planned {planned.peak / memory.GB:.2f} GB)")
     out = run_dir / "model"
     model = gathered(model)  # FSDP: every process takes part in the gather, process 0 gets the whole model
     if distributed()[0] > 0:
         return out  # process 0 saves
     save_model(model, prep.tokenizer, out, manifest(prep, {
         "audit": audit, "final_loss": log[-1]["loss"] if log else None, "train_id": train_id,
-        "trainable_parameters": trainable, "total_parameters": total}))
+        "trainable_parameters": trainable, "total_parameters": total,
+        "memory": {"planned": planned.parts, "planned_peak": planned.peak, "strategy": planned.strategy, **measured}}))
     for folder in (checkpoint, run_dir / "checkpoint.old"):  # the finished model replaces them
         shutil.rmtree(folder, ignore_errors=True)
     rundir.finish(run_dir, "train")
     return out
+
+
+def memory_plan(prep: Prepared, train_set: list):
+    """`plan(strategy, processes) -> Footprint`: what each training process will hold (`train/memory.py`) for this
+    model and the largest training pass."""
+    cfg = prep.cfg.train
+    shape = memory.model_shape(model_config(prep.model_source, prep.cfg.model), cfg.method, cfg.lora)
+    tokens, supervised = memory.pass_size([len(e.input_ids) for e in train_set], [e.n_supervised for e in train_set],
+                                          cfg.batch_size, cfg.pass_tokens)
+    return functools.partial(memory.footprint, shape, tokens=tokens, supervised=supervised, method=cfg.method,
+                             bf16=cfg.bf16)
 
 
 def _say_kept_step(cfg: ExperimentConfig, log: list[dict]) -> None:

@@ -236,6 +236,14 @@ def _auto_config(source: str, trust_remote_code: bool, revision: str | None):
         return None
 
 
+def model_config(source: str, cfg: ModelConfig):
+    """The model's transformers config (read once per source)."""
+    config = _auto_config(source, cfg.trust_remote_code, cfg.revision)
+    if config is None:
+        raise InstructuneError("no config.json to read the model's shape from", f"model.name: {source}")
+    return config
+
+
 def is_encoder_decoder(source: str, cfg: ModelConfig) -> bool:
     """True for sequence-to-sequence models (T5 family), which train and generate through their own paths."""
     adapter = Path(source, "adapter_config.json")

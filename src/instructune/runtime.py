@@ -14,7 +14,12 @@ from .errors import InstructuneError
 def device() -> torch.device:
     """This process's GPU (LOCAL_RANK under a launcher), else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= count:
+            raise InstructuneError(f"this is process {local} on this machine, but it has {count} GPU(s): start at most "
+                                   f"{count} process(es) per machine (--nproc_per_node / --num_processes), one per GPU",
+                                   f"LOCAL_RANK={local}")
+        return torch.device("cuda", local)
     return torch.device("cpu")
 
 
@@ -49,6 +54,19 @@ def distributed() -> tuple[int, int]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether this device computes bfloat16 natively: a GPU that supports it, or a CPU with AVX512-BF16 or AMX
+    (oneDNN's check). Elsewhere torch emulates bf16 matmuls, several times slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return True  # cannot tell: do as asked
+    return True
 
 
 def autocast(bf16: bool, device: torch.device):

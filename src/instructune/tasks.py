@@ -15,7 +15,7 @@ from .models import (PRESETS, context_length, is_encoder_decoder, load_tokenizer
                      versions)
 from .prompts import Encoded, Pair, PromptFormat, TaskTemplate, build_task_template
 from .prompts.library import FIELDS
-from .runtime import warn
+from .runtime import device, native_bf16, warn
 
 
 @dataclass
@@ -65,7 +65,24 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         tasks.append(build_task(tc, cfg, PromptFormat(tokenizer, chat, seq2seq=seq2seq), f"tasks.{i}.data ({tc.name})"))
     held = [build_task(tc, cfg, PromptFormat(tokenizer, chat, seq2seq=seq2seq), f"forgetting.{i}.data ({tc.name})", True)
             for i, tc in enumerate(cfg.forgetting)]
+    _bf16_where_native(cfg)
     return Prepared(cfg, source, tokenizer, chat, context_length(source, cfg.model), tasks, held, seq2seq)
+
+
+def _bf16_where_native(cfg: ExperimentConfig) -> None:
+    """On a CPU without native bfloat16 (no AVX512-BF16 or AMX), bf16 matmuls are emulated, several times slower
+    than fp32: evaluation then runs in fp32 (more exact, and faster there), said once. Training keeps what was
+    asked (`train.bf16` also halves LoRA's frozen weights), with a warning about the speed."""
+    where = device()
+    if native_bf16(where):
+        return
+    if cfg.evaluate.bf16:
+        cfg.evaluate.bf16 = False
+        warn(f"evaluate.bf16: this {where.type.upper()} has no native bfloat16 (AVX512-BF16 or AMX), where bf16 is "
+             "several times slower than fp32: evaluating in fp32")
+    if cfg.train.bf16:
+        warn(f"train.bf16: this {where.type.upper()} has no native bfloat16 (AVX512-BF16 or AMX): training will be "
+             "several times slower than in fp32; set train.bf16: false unless you need the memory")
 
 
 def build_task(tc: TaskConfig, cfg: ExperimentConfig, fmt: PromptFormat, where: str, held_out: bool = False) -> Task:

@@ -61,7 +61,7 @@ def byte_level_pre(tj: dict) -> str | None:
     steps = _steps(tj.get("pre_tokenizer"))
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name (LLAMA_VOCAB_PRE_TYPE_GPT2); "gpt2" is the tokenizer model's
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) \

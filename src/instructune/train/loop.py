@@ -20,7 +20,7 @@ from ..io import atomic_write
 from ..prompts.format import Encoded
 from ..runtime import autocast, distributed, grouped_kv_heads
 from .batching import length_grouped_batches, split_by_tokens
-from . import fsdp
+from . import fsdp, memory
 from .checkpoint import check_meta, load_checkpoint, newest_checkpoint, save_checkpoint
 from .collate import collate
 from .loss import completion_loss_sum, to_device, validation_loss
@@ -28,22 +28,20 @@ from .loss import completion_loss_sum, to_device, validation_loss
 
 def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainConfig, pad_id: int, seed: int, *,
           log_path: Path | None = None, checkpoint_dir: Path | None = None, resume: bool = False,
-          tensorboard_dir: Path | None = None, score_fn=None, checkpoint_meta: dict | None = None) -> list[dict]:
+          tensorboard_dir: Path | None = None, score_fn=None, checkpoint_meta: dict | None = None,
+          measured: dict | None = None) -> list[dict]:
     """Supervised fine-tuning on completion tokens; returns the log (one dict per optimizer step).
 
-    Each optimizer step takes `batch_size * grad_accum` examples grouped by length and splits them into
-    `grad_accum` micro-batches, and a micro-batch of long examples further into passes of at most `pass_tokens`
-    padded tokens; the loss is normalised by the supervised tokens of the whole step, so accumulation (and
-    splitting) gives the same update as one big batch. With `checkpoint_dir`, a checkpoint (trainable weights,
-    optimizer, scheduler, RNG, data position, and `checkpoint_meta`: what it belongs to) is written atomically every
-    `save_every` steps; `resume` continues from it exactly, after checking it belongs to this training, and the log
-    is cut back to the checkpoint's step. A non-finite loss or gradient norm stops training (`TrainingDiverged`)
-    before the weights are updated, leaving the last checkpoint as it was.
+    Each optimizer step takes `batch_size * grad_accum` length-grouped examples in `grad_accum` micro-batches, a
+    long micro-batch further split into passes of at most `pass_tokens` padded tokens; the loss is normalised by the
+    step's supervised tokens, so accumulation and splitting give the update of one big batch. With `checkpoint_dir`,
+    a checkpoint (trainable weights, optimizer, scheduler, RNG, data position, and `checkpoint_meta`) is written
+    atomically every `save_every` steps; `resume` continues from it exactly after checking it belongs to this
+    training. A non-finite loss or gradient norm stops training (`TrainingDiverged`) before the weights change.
 
-    At each validation, `score_fn(model) -> float` (higher is better; e.g. the task metric by generation on a fixed
-    validation subsample) is logged as `val_metric`; it (or else the validation loss) decides the best step, early
-    stopping after `early_stopping_patience` validations without improvement, and, with `keep_best`, which
-    weights the model ends with. Several processes: DDP, or FSDP (`train.strategy`; see `wrap`)."""
+    At each validation, `score_fn(model) -> float` (higher is better: the task metric by generation) is logged as
+    `val_metric`; it (or else the validation loss) decides the best step, early stopping and, with `keep_best`, the
+    weights kept. Several processes: DDP or FSDP (see `wrap`). `measured` gets `memory.measured`'s figures."""
     device = next(model.parameters()).device
     with grouped_kv_heads(device):
         torch.manual_seed(seed)
@@ -85,6 +83,8 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
         bar.close()
         log.close()
         best.restore(named, progress.step)
+        if measured is not None:
+            measured.update(memory.measured(model, optimizer, device, world))
         return log.entries
 
 

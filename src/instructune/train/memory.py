@@ -1,0 +1,200 @@
+"""The memory plan: what each training process will hold — weights, gradients, optimizer state, activations —
+under DDP and FSDP, worked out from the model's config (built on the meta device: no weight is loaded) and the
+longest training batch, before a run spends anything.
+
+The accounting (bytes per process, N processes, P parameters of which T are trained):
+  weights     P x 4 (fp32; LoRA under train.bf16: the frozen P - T in bf16, x 2)      FSDP: / N
+  gradients   T x 4, and under DDP with N > 1 the same again for its reduction buckets  FSDP: / N
+  optimizer   T x 8 (AdamW's two moments, fp32)                                         FSDP: / N
+  gathered    FSDP only: the full weights of the units in flight (the root unit — embeddings, final norm — and
+              two decoder layers, the running one and the prefetched one) and one layer's full gradient
+  activations what backward keeps per token and layer, x the tokens of the largest pass, plus the logits at the
+              supervised positions (the loss takes them nowhere else) and their softmax and gradient; full
+              fine-tuning under bf16 also autocast's bf16 copies of the fp32 weights
+  runtime     the process itself (the framework, the tokenizer, the data): measured here, 0.5 GB
+The peak is weights + optimizer + gathered + runtime + the larger of activations and gradients (backward frees
+the one as it fills the other; `set_to_none` frees gradients before the next forward). Checked against measured
+peaks by benchmarks/memory_scaling.py."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+GB = 1e9
+HEADROOM = 0.9  # a plan fits when its peak is at most this share of the memory: fragmentation, communication buffers
+RUNTIME = int(0.5 * GB)
+PER_TOKEN_LAYER = (10, 4)  # activations kept per token and layer: 10 x hidden + 4 x MLP width (Llama-style block)
+
+
+@dataclass
+class Shape:
+    """What the accounting needs from a model: parameter counts and the sizes activations scale with."""
+
+    parameters: int
+    trainable: int
+    root: int        # parameters outside the decoder layers (embeddings, final norm, an untied head)
+    layer: int       # the largest decoder layer's parameters (LoRA included)
+    layers: int
+    hidden: int
+    mlp: int
+    vocab: int
+
+
+@dataclass
+class Footprint:
+    strategy: str
+    processes: int
+    parts: dict = field(default_factory=dict)  # bytes per process, by part
+
+    @property
+    def state(self) -> int:
+        """Weights + gradients + optimizer state: the part sharding divides."""
+        return sum(self.parts[k] for k in ("weights", "gradients", "optimizer"))
+
+    @property
+    def peak(self) -> int:
+        p = self.parts
+        return (p["weights"] + p["optimizer"] + p["gathered"] + p["runtime"]
+                + max(p["activations"], p["gradients"]))
+
+    def fits(self, memory: float) -> bool:
+        return self.peak <= HEADROOM * memory
+
+    def line(self) -> str:
+        return (f"{self.strategy} x {self.processes}: ~{self.peak / GB:.2f} GB per process ("
+                + ", ".join(f"{k} {v / GB:.2f}" for k, v in self.parts.items() if v) + ")")
+
+
+def model_shape(config, method: str, lora=None) -> Shape:
+    """Counts from a transformers config: the model is built on the meta device (no memory, no weights read) and,
+    for LoRA, wrapped by peft exactly as training wraps it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers a deprecated question
+        model = cls.from_config(config)
+        if method == "lora":
+            from ..models import wrap_lora
+
+            model = wrap_lora(model, lora)
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    params = {id(p): p for p in model.parameters()}  # tied weights counted once
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "d_model", 0)
+    return Shape(
+        parameters=sum(p.numel() for p in params.values()),
+        trainable=sum(p.numel() for p in params.values() if p.requires_grad),
+        root=sum(p.numel() for i, p in params.items() if i not in in_blocks),
+        layer=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
+        layers=len(blocks), hidden=hidden,
+        mlp=getattr(text, "intermediate_size", None) or getattr(text, "d_ff", None) or 4 * hidden,
+        vocab=getattr(text, "vocab_size", 0))
+
+
+def pass_size(lengths: list[int], supervised: list[int], batch_size: int, pass_tokens: int) -> tuple[int, int]:
+    """(tokens, supervised tokens) of the largest forward pass: the `batch_size` longest examples padded to the
+    longest, split into passes of at most `pass_tokens` as training splits them."""
+    if not lengths:
+        return 0, 0
+    longest = max(lengths)
+    rows = min(batch_size, len(lengths))
+    if pass_tokens:
+        rows = max(1, min(rows, pass_tokens // longest))
+    return rows * longest, sum(sorted(supervised, reverse=True)[:rows])
+
+
+def footprint(shape: Shape, strategy: str, processes: int, tokens: int, supervised: int, *, method: str = "lora",
+              bf16: bool = False) -> Footprint:
+    """Bytes per process for one strategy (see the module's accounting)."""
+    frozen = shape.parameters - shape.trainable
+    weight_bytes = 2 if (bf16 and method == "lora") else 4
+    weights = frozen * weight_bytes + shape.trainable * 4
+    gradients = shape.trainable * 4
+    optimizer = shape.trainable * 8
+    act_bytes = 2 if bf16 else 4
+    per_token = (PER_TOKEN_LAYER[0] * shape.hidden + PER_TOKEN_LAYER[1] * shape.mlp) * shape.layers
+    activations = tokens * per_token * act_bytes + supervised * shape.vocab * 4 * 3
+    if bf16 and method == "full":  # autocast keeps a bf16 copy of every fp32 weight it multiplies, for the step
+        activations += shape.trainable * 2
+    gathered = 0
+    if strategy == "fsdp" and processes > 1:
+        weights, gradients, optimizer = (-(-x // processes) for x in (weights, gradients, optimizer))
+        gathered = (shape.root + 2 * shape.layer) * (2 if bf16 else weight_bytes)
+        gathered += shape.layer * 4 if method == "full" else 0
+    elif processes > 1:
+        gradients *= 2  # DDP's reduction buckets hold a second copy
+    parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "gathered": gathered,
+             "activations": activations, "runtime": RUNTIME}
+    return Footprint(strategy, processes, parts)
+
+
+def device_memory() -> tuple[int, str]:
+    """(bytes, what) one process can use here: the GPU's memory, or this machine's memory."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory (CPU)"
+
+
+def reset_peak(device) -> None:
+    """Start this process's peak-memory count afresh (training after a baseline in the same process): the GPU's
+    peak statistics, or Linux's resident high-water mark (`/proc/self/clear_refs`; where that cannot be written,
+    the peak stays the process's lifetime one)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device) -> int:
+    """This process's peak memory since `reset_peak`, in bytes: on CUDA the GPU memory it held at most (a GPU used
+    by this process alone), else the peak resident set (VmHWM; the lifetime `ru_maxrss` where /proc is not there)."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":  # the allocator's peak, plus what it does not see (the CUDA context, NCCL buffers)
+        free, total = torch.cuda.mem_get_info(device)
+        outside = max(0, total - free - torch.cuda.memory_reserved(device))
+        return torch.cuda.max_memory_reserved(device) + outside
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def measured(model, optimizer, device, world: int) -> dict:
+    """What each process actually held at the end of training, gathered to every process: the bytes of its
+    weights, gradients (trained parameters x their element size) and optimizer state, counted from the tensors
+    (FSDP: this process's shards), and its peak memory."""
+    import torch
+
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this process
+
+    params = {id(p): p for p in model.parameters()}.values()
+    mine = {"weights": sum(local(p).numel() * p.element_size() for p in params),
+            "gradients": sum(local(p).numel() * p.element_size() for p in params if p.requires_grad),
+            "optimizer": sum(local(v).numel() * v.element_size() for s in optimizer.state.values()
+                             for v in s.values() if torch.is_tensor(v) and v.dim() > 0),
+            "peak": peak_memory(device)}
+    if world == 1:
+        return {k: [v] for k, v in mine.items()}
+    every = [None] * world
+    torch.distributed.all_gather_object(every, mine)
+    return {k: [m[k] for m in every] for k in mine}

@@ -1,0 +1,107 @@
+"""The memory plan (`instructune plan`, `train/memory.py`): its counts equal the real model's, its state figures
+equal the bytes training actually holds, and the command refuses bad options with exit 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_config, write_config
+from instructune.config import ExperimentConfig, LoraConfig
+from instructune.experiment import memory_plan
+from instructune.models import load_model, model_config, training_model
+from instructune.tasks import prepare
+from instructune.train import memory
+from instructune.train.loop import train
+
+
+def _prep(tmp_path, tiny_model, **train_cfg):
+    cfg = ExperimentConfig.model_validate(tiny_config(tmp_path, tiny_model, ("classification", "qa"), n_train=16,
+                                                      **train_cfg))
+    prep = prepare(cfg)
+    return cfg, prep, [e for t in prep.tasks for e in t.encoded("train", cfg.train.max_length)]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_counts_from_the_meta_device_equal_the_loaded_model(tmp_path, tiny_model, method):
+    cfg, prep, _ = _prep(tmp_path, tiny_model, method=method)
+    shape = memory.model_shape(model_config(prep.model_source, cfg.model), method, cfg.train.lora)
+    model = training_model(prep.model_source, cfg.model, cfg.train)
+    unique = {id(p): p for p in model.parameters()}.values()  # tied embeddings once
+    assert shape.parameters == sum(p.numel() for p in unique)
+    assert shape.trainable == sum(p.numel() for p in unique if p.requires_grad)
+    assert shape.layers == 2 and shape.hidden == 32 and shape.mlp == 64
+    layer = (model.get_base_model() if method == "lora" else model).model.layers[0]
+    assert shape.layer == sum(p.numel() for p in layer.parameters())
+    assert shape.root == shape.parameters - 2 * shape.layer
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_planned_state_equals_the_bytes_training_holds(tmp_path, tiny_model, method):
+    """Weights, gradients and optimizer state as planned, to the byte, against the tensors after training."""
+    cfg, prep, examples = _prep(tmp_path, tiny_model, method=method, epochs=0.25)
+    plan = memory_plan(prep, examples)("ddp", 1)
+    torch.manual_seed(0)
+    model = training_model(prep.model_source, cfg.model, cfg.train)
+    measured = {}
+    train(model, examples, [], cfg.train, prep.tokenizer.pad_token_id, cfg.seed, measured=measured)
+    for part in ("weights", "gradients", "optimizer"):
+        assert measured[part] == [plan.parts[part]], part
+    assert measured["peak"][0] > plan.parts["weights"]
+
+
+def test_sharding_divides_the_state_and_ddp_doubles_the_gradients():
+    shape = memory.Shape(parameters=1000, trainable=1000, root=200, layer=400, layers=2, hidden=8, mlp=16, vocab=50)
+    one = memory.footprint(shape, "ddp", 1, 64, 8, method="full")
+    ddp = memory.footprint(shape, "ddp", 2, 64, 8, method="full")
+    fsdp = memory.footprint(shape, "fsdp", 4, 64, 8, method="full")
+    assert one.parts["weights"] == 4000 and one.parts["gradients"] == 4000 and one.parts["optimizer"] == 8000
+    assert ddp.parts["gradients"] == 8000 and ddp.parts["weights"] == 4000  # the reduction buckets
+    assert fsdp.parts["weights"] == 1000 and fsdp.parts["optimizer"] == 2000 and fsdp.parts["gradients"] == 1000
+    assert fsdp.parts["gathered"] == (200 + 2 * 400) * 4 + 400 * 4  # root + two layers in flight, one layer's grads
+    assert fsdp.state / ddp.state < 0.6
+    lora_bf16 = memory.footprint(memory.Shape(1000, 10, 200, 400, 2, 8, 16, 50), "ddp", 1, 64, 8, bf16=True)
+    assert lora_bf16.parts["weights"] == 990 * 2 + 10 * 4  # frozen in bf16, the adapter in fp32
+    assert memory.footprint(shape, "ddp", 1, 128, 8).parts["activations"] > one.parts["activations"]
+
+
+def test_the_largest_pass_follows_pass_tokens():
+    lengths, supervised = [10, 50, 100, 20], [2, 5, 9, 3]
+    assert memory.pass_size(lengths, supervised, batch_size=4, pass_tokens=0) == (400, 19)
+    assert memory.pass_size(lengths, supervised, batch_size=4, pass_tokens=250) == (200, 14)
+    assert memory.pass_size(lengths, supervised, batch_size=4, pass_tokens=50) == (100, 9)  # one row at least
+    assert memory.pass_size([], [], 4, 0) == (0, 0)
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "instructune.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_plan_command_prints_both_strategies_and_refuses_bad_options(tmp_path, tiny_model):
+    config = write_config(tmp_path, tiny_config(tmp_path, tiny_model, method="full"))
+    done = _cli("plan", str(config), "--processes", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = {l.split("│")[1].strip(): l for l in done.stdout.splitlines() if l.count("│") > 5}
+    assert set(lines) >= {"ddp", "fsdp"}
+    assert not (tmp_path / "run").exists()  # planning writes nothing
+    tight = _cli("plan", str(config), "--processes", "1", "--device-memory", "0.001", cwd=tmp_path)
+    assert tight.returncode == 0 and "does not fit" in tight.stdout
+    for bad in (["--strategy", "zero3"], ["--processes", "0"], ["--device-memory", "-1"], ["--processes", "two"]):
+        done = _cli("plan", str(config), *bad, cwd=tmp_path)
+        assert done.returncode == 2, (bad, done.stdout, done.stderr)
+        assert "Traceback" not in done.stderr
+    missing = _cli("plan", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    assert missing.returncode == 2 and "nope.yaml" in missing.stderr + missing.stdout
+
+
+def test_train_records_the_plan_and_the_measured_peak(tmp_path, tiny_model):
+    config = write_config(tmp_path, tiny_config(tmp_path, tiny_model, epochs=0.25))
+    done = _cli("train", str(config), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout + done.stderr
+    assert "memory plan: ddp x 1: ~" in out and "peak memory per process:" in out
+    mem = json.loads((tmp_path / "run" / "model" / "instructune.json").read_text())["memory"]
+    assert mem["strategy"] == "ddp" and mem["planned_peak"] > 0 and len(mem["peak"]) == 1
+    assert mem["weights"][0] == mem["planned"]["weights"]
