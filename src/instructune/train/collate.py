@@ -39,13 +39,15 @@ def next_tokens(e: Encoded) -> tuple[list[int], list[int]]:
 
 
 def collate(examples: list[Encoded], pad_id: int, packed: bool = False, min_shared: int = 0,
-            window: int | None = None, fused: bool = False) -> dict[str, torch.Tensor | int]:
+            window: int | None = None, fused: bool = False, two_pass: bool = True) -> dict[str, torch.Tensor | int]:
     """A batch whose logits are computed only where a loss is taken, in one of five layouts (same loss, same gradients):
 
     - `collate_seq2seq`: encoder-decoder examples (prompt to the encoder, completion to the decoder);
     - `_fused_prefix`: all examples share at least `min_shared` leading tokens, the model takes a 4-D mask (`fused`)
       and the row fits `FUSED_MAX`: one row, the prefix once, then each example's own tokens;
-    - `_two_pass_prefix`: the same shared prefix otherwise: the prefix once (a KV cache), then padded rows;
+    - `_two_pass_prefix`: the same shared prefix otherwise: the prefix once (a KV cache), then padded rows (not with
+      `two_pass=False`: under FSDP the prefix's keys and values would reach the loss past FSDP's backward hooks,
+      which gather a layer's weights only for gradients through the layer's own output);
     - `_packed` (`packed=True`): one row, no padding, positions restarting per example;
     - `_padded`: left-padded rows with explicit positions (the default).
 
@@ -63,7 +65,7 @@ def collate(examples: list[Encoded], pad_id: int, packed: bool = False, min_shar
         total = prefix + sum(len(ids) - prefix for ids, _ in rows)
         if fused and total <= FUSED_MAX and (window is None or total < window):
             return _fused_prefix(rows, prefix, n_tokens)
-        if window is None or prefix + width < window:
+        if two_pass and (window is None or prefix + width < window):
             return _two_pass_prefix(rows, prefix, pad_id, n_tokens)
     return _packed(rows, n_tokens) if packed else _padded(rows, pad_id, n_tokens)
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from ..attention import takes_4d_mask
 from ..config import TrainConfig
 from ..errors import InstructuneError
 from ..io import replaced_folder
@@ -23,12 +22,8 @@ def wanted(cfg: TrainConfig, world: int) -> bool:
 
 
 def check_supported(model, cfg: TrainConfig, score_fn) -> None:
-    """Refuse, by name, what the sharded path does not do yet."""
-    if cfg.share_prefix and not takes_4d_mask(model):
-        # the two-pass prefix runs the model twice before one backward: FSDP frees the first pass's gathered weights
-        raise InstructuneError("train.share_prefix with a model whose attention cannot take a 4-D mask (the prefix "
-                               "then runs as a pass of its own) is not supported with train.strategy: fsdp yet; set "
-                               "train.share_prefix: 0, or use strategy ddp", "train.strategy")
+    """Refuse, by name, what the sharded path does not do yet. (A shared prompt prefix is computed in the same pass
+    as the rows, or not shared: `Plan.two_pass`.)"""
     if score_fn is not None:  # generation stops on each process's own outputs: a differing count of collectives hangs
         raise InstructuneError("train.eval_metric (scoring by generation during training) is not supported with "
                                "train.strategy: fsdp yet; use the validation loss (eval_metric: false) or strategy ddp",

@@ -48,7 +48,7 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
         rank, world = distributed()
         ddp, sharded = wrap(model, cfg, world, score_fn)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # FSDP: this process's shards
-        plan = Plan(train_set, cfg, pad_id, seed, world, attention_window(model), takes_4d_mask(model))
+        plan = Plan(train_set, cfg, pad_id, seed, world, attention_window(model), takes_4d_mask(model), not sharded)
         optimizer, scheduler = make_optimizer([p for _, p in named], cfg, plan.total_steps, device)
         best, progress = Best(cfg), Progress()
         meta = {**(checkpoint_meta or {}), "total_steps": plan.total_steps, "processes": world,
@@ -138,6 +138,7 @@ class Plan:
     world: int
     window: int | None
     fused: bool
+    two_pass: bool = True  # the shared prefix as a pass of its own (not under FSDP; see `collate`)
 
     def __post_init__(self):
         self.lengths = [len(e.input_ids) for e in self.examples]
@@ -176,7 +177,8 @@ class Plan:
         parts = [part for j in range(0, len(mine), size)
                  for part in split_by_tokens(mine[j:j + size], self.lengths, self.cfg.pass_tokens)]
         micro = [to_device(collate([self.examples[i] for i in part], self.pad_id, self.cfg.packing,
-                                   self.cfg.share_prefix, self.window, self.fused), device) for part in parts]
+                                   self.cfg.share_prefix, self.window, self.fused, self.two_pass), device)
+                 for part in parts]
         return micro, weight, n_supervised
 
 
