@@ -44,8 +44,8 @@ def main() -> None:
     limit = args.gpu_gb * GB
     print(f"GB per GPU; {args.seq}-token passes, a quarter supervised, bf16, LoRA r 16 all-linear; fits: "
           f"peak <= 90 % of {args.gpu_gb:g} GB (fragmentation, communication buffers)\n")
-    print("| model | method | parameters (trained) | DDP per GPU | DDP fits? | FSDP per GPU at the fewest GPUs | "
-          "FSDP GPUs needed |")
+    print("| model | method | parameters (trained) | DDP per GPU | DDP fits? | FSDP GPUs needed, instructune today "
+          "(whole model loaded first) | FSDP GPUs needed, sharded state alone (per GPU) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, shape_args in MODELS.items():
         config = LlamaConfig(**shape_args)
@@ -53,12 +53,15 @@ def main() -> None:
             shape = model_shape(config, method, LoraConfig(r=16, alpha=32, target_modules="all-linear"))
             plan = dict(tokens=args.seq, supervised=args.seq // 4, method=method, bf16=True)
             ddp = footprint(shape, "ddp", 2, **plan)
-            fits = next((n for n in range(1, 4097) if footprint(shape, "fsdp", n, **plan).fits(limit)), None)
-            fsdp = footprint(shape, "fsdp", fits, **plan) if fits else None
+            cells = []
+            for whole in (True, False):
+                n = next((n for n in range(1, 4097) if footprint(shape, "fsdp", n, whole_load=whole, **plan).fits(limit)),
+                         None)
+                peak = footprint(shape, "fsdp", n, whole_load=whole, **plan).peak / GB if n else None
+                cells.append(f"{n} ({peak:.1f} GB)" if n else ("none: the whole model is loaded on each GPU first"
+                                                              if whole else "none: activations alone exceed it"))
             print(f"| {name} | {method} | {shape.parameters / 1e9:.2f} B ({shape.trainable / 1e9:.3g} B) | "
-                  f"{ddp.peak / GB:.1f} | {'yes' if ddp.fits(limit) else 'no'} | "
-                  f"{fsdp.peak / GB:.1f} | {fits if fits else 'more than 4096'} |" if fsdp else
-                  f"| {name} | {method} | {shape.parameters / 1e9:.2f} B | {ddp.peak / GB:.1f} | no | - | - |")
+                  f"{ddp.peak / GB:.1f} | {'yes' if ddp.fits(limit) else 'no'} | {cells[0]} | {cells[1]} |")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,8 @@ def test_sharding_divides_the_state_and_ddp_doubles_the_gradients():
     assert ddp.parts["gradients"] == 8000 and ddp.parts["weights"] == 4000  # the reduction buckets
     assert fsdp.parts["weights"] == 1000 and fsdp.parts["optimizer"] == 2000 and fsdp.parts["gradients"] == 1000
     assert fsdp.parts["gathered"] == (200 + 2 * 400) * 4 + 400 * 4  # root + two layers in flight, one layer's grads
+    assert fsdp.parts["loading"] == 4000 and ddp.parts["loading"] == 0  # the whole model, before it is sharded
+    assert memory.footprint(shape, "fsdp", 4, 64, 8, method="full", whole_load=False).parts["loading"] == 0
     assert fsdp.state / ddp.state < 0.6
     lora_bf16 = memory.footprint(memory.Shape(1000, 10, 200, 400, 2, 8, 16, 50), "ddp", 1, 64, 8, bf16=True)
     assert lora_bf16.parts["weights"] == 990 * 2 + 10 * 4  # frozen in bf16, the adapter in fp32

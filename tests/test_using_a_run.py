@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 import pytest
@@ -114,7 +115,8 @@ def test_chat_ctrl_c_stops_a_reply_not_the_program(tmp_path, tiny_run):
     script = tmp_path / "slow.py"
     script.write_text(SLOW)
     child = pexpect.spawn(sys.executable, [str(script), "chat", str(tiny_run), "--max-new-tokens", "400"],
-                          env=env, encoding="utf-8", timeout=120)
+                          env=env, encoding="utf-8", timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
     try:
         child.expect_exact("you> ")
         child.sendline("tell me everything")

@@ -183,7 +183,7 @@ def plan(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", h
         table.add_row(p.strategy, *(f"{p.parts[k] / GB:.2f}" for k in parts), f"{p.peak / GB:.2f}",
                       "yes" if p.fits(limit) else "no")
     Console(width=max(110, Console().width)).print(table)
-    typer.echo(f"device memory: {where}; the peak is weights + optimizer + gathered + runtime + the larger of "
+    typer.echo(f"device memory: {where}; the peak is weights + optimizer + gathered + loading + runtime + the larger of "
                "activations and gradients; it fits when at most 90 % of the memory (see `instructune.train.memory`)")
     if "fsdp" in [p.strategy for p in plans] and not plans[-1].fits(limit):
         fits = next((n for n in range(processes + 1, 4097) if planner("fsdp", n).fits(limit)), None)

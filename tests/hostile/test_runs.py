@@ -46,8 +46,10 @@ def held_child(tmp_path: Path, patch: str, *args) -> subprocess.Popen:
     marker.unlink(missing_ok=True)
     script = tmp_path / "wrapper.py"
     script.write_text(WRAPPER.format(patch=patch))
+    # Ctrl-C as a terminal sends it, even when the tests themselves run in a background job (which ignores SIGINT)
     proc = subprocess.Popen([sys.executable, str(script), str(marker), *map(str, args)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 180
     while not marker.exists():
         if proc.poll() is not None or time.time() > deadline:

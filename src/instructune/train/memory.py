@@ -8,11 +8,14 @@ The accounting (bytes per process, N processes, P parameters of which T are trai
   optimizer   T x 8 (AdamW's two moments, fp32)                                         FSDP: / N
   gathered    FSDP only: the full weights of the units in flight (the root unit — embeddings, final norm — and
               two decoder layers, the running one and the prefetched one) and one layer's full gradient
+  loading     FSDP only: each process loads the whole model before sharding it; sharding copies each shard out
+              and frees the whole tensors, which stay with the process (glibc keeps a CPU process's freed memory
+              resident; a GPU's caching allocator keeps it reserved)
   activations what backward keeps per token and layer, x the tokens of the largest pass, plus the logits at the
               supervised positions (the loss takes them nowhere else) and their softmax and gradient; full
-              fine-tuning under bf16 also autocast's bf16 copies of the fp32 weights
+              fine-tuning under bf16 also autocast's bf16 copies of the fp32 weights (not under FSDP)
   runtime     the process itself (the framework, the tokenizer, the data): measured here, 0.5 GB
-The peak is weights + optimizer + gathered + runtime + the larger of activations and gradients (backward frees
+The peak is weights + optimizer + gathered + loading + runtime + the larger of activations and gradients (backward frees
 the one as it fills the other; `set_to_none` frees gradients before the next forward). Checked against measured
 peaks by benchmarks/memory_scaling.py."""
 
@@ -55,7 +58,7 @@ class Footprint:
     @property
     def peak(self) -> int:
         p = self.parts
-        return (p["weights"] + p["optimizer"] + p["gathered"] + p["runtime"]
+        return (p["weights"] + p["optimizer"] + p["gathered"] + p["loading"] + p["runtime"]
                 + max(p["activations"], p["gradients"]))
 
     def fits(self, memory: float) -> bool:
@@ -109,8 +112,9 @@ def pass_size(lengths: list[int], supervised: list[int], batch_size: int, pass_t
 
 
 def footprint(shape: Shape, strategy: str, processes: int, tokens: int, supervised: int, *, method: str = "lora",
-              bf16: bool = False) -> Footprint:
-    """Bytes per process for one strategy (see the module's accounting)."""
+              bf16: bool = False, whole_load: bool = True) -> Footprint:
+    """Bytes per process for one strategy (see the module's accounting). `whole_load=False`: as if each process
+    loaded only its shards (what FSDP itself needs; instructune loads the whole model first)."""
     frozen = shape.parameters - shape.trainable
     weight_bytes = 2 if (bf16 and method == "lora") else 4
     weights = frozen * weight_bytes + shape.trainable * 4
@@ -119,17 +123,18 @@ def footprint(shape: Shape, strategy: str, processes: int, tokens: int, supervis
     act_bytes = 2 if bf16 else 4
     per_token = (PER_TOKEN_LAYER[0] * shape.hidden + PER_TOKEN_LAYER[1] * shape.mlp) * shape.layers
     activations = tokens * per_token * act_bytes + supervised * shape.vocab * 4 * 3
-    if bf16 and method == "full":  # autocast keeps a bf16 copy of every fp32 weight it multiplies, for the step
-        activations += shape.trainable * 2
-    gathered = 0
+    gathered = loading = 0
     if strategy == "fsdp" and processes > 1:
+        loading = weights if whole_load else 0  # the whole model as loaded: sharding copies out the shard, frees it
         weights, gradients, optimizer = (-(-x // processes) for x in (weights, gradients, optimizer))
         gathered = (shape.root + 2 * shape.layer) * (2 if bf16 else weight_bytes)
         gathered += shape.layer * 4 if method == "full" else 0
-    elif processes > 1:
-        gradients *= 2  # DDP's reduction buckets hold a second copy
+    else:
+        gradients *= 2 if processes > 1 else 1  # DDP's reduction buckets hold a second copy
+        if bf16 and method == "full":  # autocast keeps a bf16 copy of every fp32 weight it multiplies, for the step
+            activations += shape.trainable * 2  # (FSDP gathers each layer in bf16 instead: `gathered`)
     parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "gathered": gathered,
-             "activations": activations, "runtime": RUNTIME}
+             "loading": loading, "activations": activations, "runtime": RUNTIME}
     return Footprint(strategy, processes, parts)
 
 
