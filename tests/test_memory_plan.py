@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_config, write_config
 from instructune.config import ExperimentConfig, LoraConfig
 from instructune.experiment import memory_plan
-from instructune.models import load_model, model_config, training_model
+from instructune.models import hf_config, load_model, training_model
 from instructune.tasks import prepare
 from instructune.train import memory
 from instructune.train.loop import train
@@ -27,7 +27,7 @@ def _prep(tmp_path, tiny_model, **train_cfg):
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_counts_from_the_meta_device_equal_the_loaded_model(tmp_path, tiny_model, method):
     cfg, prep, _ = _prep(tmp_path, tiny_model, method=method)
-    shape = memory.model_shape(model_config(prep.model_source, cfg.model), method, cfg.train.lora)
+    shape = memory.model_shape(hf_config(prep.model_source, cfg.model), method, cfg.train.lora)
     model = training_model(prep.model_source, cfg.model, cfg.train)
     unique = {id(p): p for p in model.parameters()}.values()  # tied embeddings once
     assert shape.parameters == sum(p.numel() for p in unique)

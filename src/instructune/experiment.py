@@ -20,7 +20,7 @@ from .evaluate.classical import classical_variant
 from .evaluate.score import answer, primary, score, validation_scorer
 from .io import atomic_write, write_json
 from . import rundir
-from .models import count_parameters, load_finetuned, load_for_inference, model_config, save_model, training_model
+from .models import count_parameters, hf_config, load_finetuned, load_for_inference, save_model, training_model
 from .prompts import Pair, PromptFormat, TaskTemplate
 from .prompts.shots import kshot_prompts
 from .report import write_report
@@ -192,7 +192,7 @@ def memory_plan(prep: Prepared, train_set: list):
     """`plan(strategy, processes) -> Footprint`: what each training process will hold (`train/memory.py`) for this
     model and the largest training pass."""
     cfg = prep.cfg.train
-    shape = memory.model_shape(model_config(prep.model_source, prep.cfg.model), cfg.method, cfg.lora)
+    shape = memory.model_shape(hf_config(prep.model_source, prep.cfg.model), cfg.method, cfg.lora)
     tokens, supervised = memory.pass_size([len(e.input_ids) for e in train_set], [e.n_supervised for e in train_set],
                                           cfg.batch_size, cfg.pass_tokens)
     return functools.partial(memory.footprint, shape, tokens=tokens, supervised=supervised, method=cfg.method,

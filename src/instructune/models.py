@@ -236,7 +236,7 @@ def _auto_config(source: str, trust_remote_code: bool, revision: str | None):
         return None
 
 
-def model_config(source: str, cfg: ModelConfig):
+def hf_config(source: str, cfg: ModelConfig):
     """The model's transformers config (read once per source)."""
     config = _auto_config(source, cfg.trust_remote_code, cfg.revision)
     if config is None:
