@@ -24,6 +24,8 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
+from .batching import split_by_tokens
+
 GB = 1e9
 HEADROOM = 0.9  # a plan fits when its peak is at most this share of the memory: fragmentation, communication buffers
 RUNTIME = int(0.5 * GB)
@@ -100,15 +102,14 @@ def model_shape(config, method: str, lora=None) -> Shape:
 
 
 def pass_size(lengths: list[int], supervised: list[int], batch_size: int, pass_tokens: int) -> tuple[int, int]:
-    """(tokens, supervised tokens) of the largest forward pass: the `batch_size` longest examples padded to the
-    longest, split into passes of at most `pass_tokens` as training splits them."""
+    """(tokens, supervised tokens) of the largest forward pass: the `batch_size` longest examples, split into
+    passes as training splits them (`split_by_tokens`), each padded to its longest row."""
     if not lengths:
         return 0, 0
-    longest = max(lengths)
-    rows = min(batch_size, len(lengths))
-    if pass_tokens:
-        rows = max(1, min(rows, pass_tokens // longest))
-    return rows * longest, sum(sorted(supervised, reverse=True)[:rows])
+    longest = sorted(range(len(lengths)), key=lambda i: lengths[i])[-batch_size:]
+    padded = {tuple(p): len(p) * max(lengths[i] for i in p) for p in split_by_tokens(longest, lengths, pass_tokens)}
+    biggest = max(padded, key=padded.get)
+    return padded[biggest], sum(supervised[i] for i in biggest)
 
 
 def footprint(shape: Shape, strategy: str, processes: int, tokens: int, supervised: int, *, method: str = "lora",
