@@ -15,6 +15,14 @@ def _train(cfg) -> str:
     return cfg["tasks"][0]["data"]["train"]
 
 
+def _train_line(cfg, index: int, text: str) -> str:
+    """The training file with its line `index` (0-based) replaced by `text`; returns the file's path."""
+    lines = open(_train(cfg)).read().splitlines(keepends=True)
+    lines[index] = text
+    open(_train(cfg), "w").write("".join(lines))
+    return _train(cfg)
+
+
 def _replace_train(cfg, tmp_path, name: str, content: bytes) -> str:
     path = tmp_path / "data" / name
     path.write_bytes(content)
@@ -100,17 +108,13 @@ def test_malformed_json_file_is_named(tmp_path, tiny_model):
 
 def test_jsonl_nested_100000_deep_names_the_line(tmp_path, tiny_model):
     cfg = tiny_config(tmp_path, tiny_model)
-    lines = open(_train(cfg)).read().splitlines(keepends=True)
-    lines[5] = '{"text": "x", "label": "billing", "deep": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
-    open(_train(cfg), "w").write("".join(lines))
+    _train_line(cfg, 5, '{"text": "x", "label": "billing", "deep": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
     refused(tmp_path, cfg, f"{_train(cfg)}:6", f"nested deeper than the limit of {MAX_JSON_DEPTH}")
 
 
 def test_jsonl_nested_past_the_limit_but_parseable_names_the_line(tmp_path, tiny_model):
     cfg = tiny_config(tmp_path, tiny_model)
-    lines = open(_train(cfg)).read().splitlines(keepends=True)
-    lines[1] = '{"text": "x", "label": "billing", "deep": ' + '{"a": ' * 70 + "1" + "}" * 70 + "}\n"
-    open(_train(cfg), "w").write("".join(lines))
+    _train_line(cfg, 1, '{"text": "x", "label": "billing", "deep": ' + '{"a": ' * 70 + "1" + "}" * 70 + "}\n")
     refused(tmp_path, cfg, f"{_train(cfg)}:2", "nested deeper than the limit")
 
 
@@ -122,25 +126,19 @@ def test_a_json_file_nested_100000_deep_is_named(tmp_path, tiny_model):
 
 def test_a_jsonl_line_that_is_a_list_not_an_object(tmp_path, tiny_model):
     cfg = tiny_config(tmp_path, tiny_model)
-    lines = open(_train(cfg)).read().splitlines(keepends=True)
-    lines[3] = '["text", "label"]\n'
-    open(_train(cfg), "w").write("".join(lines))
+    _train_line(cfg, 3, '["text", "label"]\n')
     refused(tmp_path, cfg, f"{_train(cfg)}:4", "expected a JSON object, got a list")
 
 
 def test_nan_in_jsonl_is_not_json(tmp_path, tiny_model):
     cfg = tiny_config(tmp_path, tiny_model)
-    lines = open(_train(cfg)).read().splitlines(keepends=True)
-    lines[7] = '{"text": "x", "label": NaN}\n'
-    open(_train(cfg), "w").write("".join(lines))
+    _train_line(cfg, 7, '{"text": "x", "label": NaN}\n')
     refused(tmp_path, cfg, f"{_train(cfg)}:8", "NaN is not a JSON value")
 
 
 def test_an_integer_of_5000_digits_is_malformed_json_not_a_traceback(tmp_path, tiny_model):
     cfg = tiny_config(tmp_path, tiny_model)
-    lines = open(_train(cfg)).read().splitlines(keepends=True)
-    lines[0] = '{"text": "x", "label": ' + "9" * 5000 + "}\n"
-    open(_train(cfg), "w").write("".join(lines))
+    _train_line(cfg, 0, '{"text": "x", "label": ' + "9" * 5000 + "}\n")
     refused(tmp_path, cfg, f"{_train(cfg)}:1", "malformed JSON")
 
 
@@ -178,9 +176,7 @@ def test_an_empty_data_file_is_named(tmp_path, tiny_model):
 
 def test_duplicate_json_keys_are_recorded_not_fatal(tmp_path, tiny_model):
     cfg = tiny_config(tmp_path, tiny_model)
-    lines = open(_train(cfg)).read().splitlines(keepends=True)
-    lines[2] = '{"text": "the app crashes", "label": "billing", "label": "technical"}\n'
-    open(_train(cfg), "w").write("".join(lines))
+    _train_line(cfg, 2, '{"text": "the app crashes", "label": "billing", "label": "technical"}\n')
     records = load_records(_train(cfg))
     assert records[2].data["label"] == "technical" and records[2].meta == {"duplicate_keys": ["label"]}
     assert all(not r.meta for i, r in enumerate(records) if i != 2)

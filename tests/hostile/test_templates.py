@@ -19,26 +19,24 @@ def _with_prompt(tmp_path, tiny_model, prompt: str) -> tuple[dict, str]:
     return cfg, cfg["tasks"][0]["data"]["train"]
 
 
-def test_a_one_gigabyte_string_is_refused_fast_and_small(tmp_path, tiny_model):
-    cfg, train = _with_prompt(tmp_path, tiny_model, "{{ text }} {{ 'a' * 10**9 }}")
+UNBOUNDED = {  # a prompt whose render would take unbounded memory or time -> what the refusal says
+    "a one-gigabyte string": ("{{ text }} {{ 'a' * 10**9 }}",
+                              ("'tiny_classification' template's prompt", "max_render_chars = 1,000,000")),
+    "the nested range loop": (
+        "{% for i in range(10**6) %}{% for j in range(10**6) %}x{% endfor %}{% endfor %}{{ text }}",
+        ("range() of 1,000,000 numbers is over the limit of 100,000",)),
+    "a nested loop within the range cap (the time limit)": (
+        "{% for i in range(10**5) %}{% for j in range(10**5) %}{% endfor %}{% endfor %}{{ text }}",
+        ("took longer than max_render_seconds = 2",)),
+}
+
+
+@pytest.mark.parametrize("case", list(UNBOUNDED))
+def test_an_unbounded_render_is_refused_fast_and_small(tmp_path, tiny_model, case):
+    prompt, fragments = UNBOUNDED[case]
+    cfg, train = _with_prompt(tmp_path, tiny_model, prompt)
     with Bounded() as b:
-        refused(tmp_path, cfg, f"{train}:1", "'tiny_classification' template's prompt", "max_render_chars = 1,000,000")
-    assert b.seconds < 5 and b.grown_mib < 200, (b.seconds, b.grown_mib)
-
-
-def test_the_nested_range_loop_is_refused_fast_and_small(tmp_path, tiny_model):
-    cfg, train = _with_prompt(tmp_path, tiny_model, "{% for i in range(10**6) %}{% for j in range(10**6) %}x"
-                                                    "{% endfor %}{% endfor %}{{ text }}")
-    with Bounded() as b:
-        refused(tmp_path, cfg, f"{train}:1", "range() of 1,000,000 numbers is over the limit of 100,000")
-    assert b.seconds < 5 and b.grown_mib < 200, (b.seconds, b.grown_mib)
-
-
-def test_a_nested_loop_within_the_range_cap_hits_the_time_limit(tmp_path, tiny_model):
-    cfg, train = _with_prompt(tmp_path, tiny_model, "{% for i in range(10**5) %}{% for j in range(10**5) %}"
-                                                    "{% endfor %}{% endfor %}{{ text }}")
-    with Bounded() as b:
-        refused(tmp_path, cfg, f"{train}:1", "took longer than max_render_seconds = 2")
+        refused(tmp_path, cfg, f"{train}:1", *fragments)
     assert b.seconds < 5 and b.grown_mib < 200, (b.seconds, b.grown_mib)
 
 
