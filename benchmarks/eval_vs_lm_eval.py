@@ -15,7 +15,11 @@ What each tool is given:
   (0-shot); lm-eval reads those strings from a JSONL file through a task YAML (`doc_to_text: "{{prompt}}"`), with
   no chat template or few-shot of its own and an empty target delimiter, so both see the same tokens.
 - Generation: greedy, at most the task's `max_new_tokens`, stopping at the end-of-turn token (lm-eval: `until`);
-  the answers of both are scored by instructune's parser and metric, and the share of identical answers is printed.
+  the answers of both are scored by instructune's parser and metric, and the share of answers that name the same
+  choice is printed. instructune's evaluation also stops an answer once the choice it names is settled
+  (`metrics.choice_settled`: "Positive:" cannot become another label), as `instructune run` does; the row
+  "generation, to the end" times it without that (every answer to the end-of-turn or `max_new_tokens`), and its
+  texts are compared with lm-eval's character for character.
 - Log-likelihood: instructune's `classify_by_likelihood` against lm-eval's `multiple_choice` output type, with the
   choices as instructune scores them (the label and the end-of-turn token, `completion_ids`); accuracy of each.
 - Batch size: the same for both (`--batch-size`, default 16); lm-eval sorts by length like instructune.
@@ -40,7 +44,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from instructune.config import load_config  # noqa: E402
 from instructune.evaluate.generate import generate  # noqa: E402
 from instructune.evaluate.likelihood import classify_by_likelihood, completion_ids  # noqa: E402
-from instructune.evaluate.metrics import PRIMARY_METRIC, compute_metrics  # noqa: E402
+from instructune.evaluate.metrics import PRIMARY_METRIC, compute_metrics, parse_choice  # noqa: E402
+from instructune.evaluate.score import settled  # noqa: E402
 from instructune.models import load_for_inference  # noqa: E402
 from instructune.prompts.shots import kshot_prompts  # noqa: E402
 from instructune.tasks import prepare  # noqa: E402
@@ -101,15 +106,23 @@ def main() -> None:
         task_yamls(folder, data, end, template.max_new_tokens, choice_texts)
 
         generate(model, fmt, prompts[:4], template.max_new_tokens, args.batch_size, desc="warm-up")  # both benefit
-        t0 = time.perf_counter()
-        ours = generate(model, fmt, prompts, template.max_new_tokens, args.batch_size, desc="instructune generation")
-        ours_s = time.perf_counter() - t0
         samples, theirs_s = lm_eval_run(model, tok, "instructune_uci_gen", folder, args.batch_size)
         theirs = [fmt.clean_generation(s["resps"][0][0]) for s in samples]
-        same = sum(a.strip() == b.strip() for a, b in zip(ours, theirs)) / len(prompts)
-        m_ours = compute_metrics(template.type, ours, refs, template.choices)[0][metric]
         m_theirs = compute_metrics(template.type, theirs, refs, template.choices)[0][metric]
-        rows.append(("generation", ours_s, theirs_s, m_ours, m_theirs, f"identical answers {100 * same:.1f} %"))
+        for mode, until in (("generation", settled(template)), ("generation, to the end", None)):
+            t0 = time.perf_counter()
+            ours = generate(model, fmt, prompts, template.max_new_tokens, args.batch_size, desc=f"instructune {mode}",
+                            settled=until)
+            ours_s = time.perf_counter() - t0
+            m_ours = compute_metrics(template.type, ours, refs, template.choices)[0][metric]
+            if until:
+                same = sum(parse_choice(a, template.choices) == parse_choice(b, template.choices)
+                           for a, b in zip(ours, theirs)) / len(prompts)
+                note = f"same choice {100 * same:.1f} %"
+            else:
+                same = sum(a.strip() == b.strip() for a, b in zip(ours, theirs)) / len(prompts)
+                note = f"identical answers {100 * same:.1f} %"
+            rows.append((mode, ours_s, theirs_s, m_ours, m_theirs, note))
 
         t0 = time.perf_counter()
         ours = classify_by_likelihood(model, fmt, prompts, template.choices, args.batch_size, desc="instructune likelihood")

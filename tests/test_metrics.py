@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
 from instructune.evaluate.metrics import (PRIMARY_METRIC, TASK_TYPES, classification_metrics, compute_metrics,
-                                          ner_metrics, normalize_answer, parse_choice, parse_entities,
+                                          choice_settled, ner_metrics, normalize_answer, parse_choice, parse_entities,
                                           per_example_scores, qa_metrics, summarization_metrics,
                                           translation_metrics)
 
@@ -185,6 +186,47 @@ def test_parse_choice():
     assert parse_choice("NEGATIVE", ["Positive", "Negative"]) == "Negative"  # returned as given
     assert parse_choice("Label: very positive", ["positive", "very positive"]) == "very positive"
     assert parse_choice("billing", ["Billing issue", "billing"]) == "billing"  # exact match beats a substring
+
+
+@pytest.mark.parametrize("text, choices, settled", [
+    ("Positive:", ["positive", "negative"], True),                   # a non-word character closed the word
+    ("Positive. The text is", ["positive", "negative"], True),
+    ("Positive", ["positive", "negative"], False),                   # may still become "Positively"
+    ("Positively good", ["positive", "negative"], False),            # no choice yet
+    ("It is negative, not positive", ["positive", "negative"], True),
+    ("very ", ["positive", "very positive"], False),                 # "very positive" is still open
+    ("positive or", ["positive", "positive or negative"], False),    # a longer choice at the same start is open
+    ("positive, very", ["positive", "very positive"], True),
+    ("Label: very positive.", ["positive", "very positive"], True),
+    ('  "Negative." ', ["positive", "negative"], True),
+    ("yes!", ["yes!", "no!"], False),                                # choices ending in punctuation: never settled
+    ("", ["positive", "negative"], False),
+    ("positive_ ", ["positive", "negative"], False),                  # "_" is a word character
+])
+def test_choice_settled(text, choices, settled):
+    assert choice_settled(text, choices) is settled
+    if settled:
+        assert all(parse_choice(text + more, choices) == parse_choice(text, choices) is not None
+                   for more in ("", "ly", " negative", "_x", "!", "\n\nnot positive"))
+
+
+def test_a_settled_answer_parses_the_same_whatever_follows():
+    """Random texts over an alphabet of word parts, spaces, underscores and punctuation, with choices that overlap
+    (one a prefix or a word of another): once `choice_settled`, no continuation changes `parse_choice`."""
+    rng = random.Random(0)
+    alphabet = ["a", "b", "ab", " ", "_", ".", ":", "\n", '"', "-"]
+    choice_sets = [["a", "b"], ["a", "a b"], ["ab", "b"], ["a b", "b a", "a"], ["A", "B a"], ["ab", "a"], ["a_b", "a"]]
+    seen = 0
+    for _ in range(20000):
+        choices = rng.choice(choice_sets)
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 7)))
+        if not choice_settled(text, choices):
+            continue
+        seen += 1
+        for _ in range(10):
+            more = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 5)))
+            assert parse_choice(text + more, choices) == parse_choice(text, choices), (text, more, choices)
+    assert seen > 2000  # and the rule is not so cautious that it never stops
 
 
 def test_classification_hand_case():

@@ -2,14 +2,18 @@
 
 The token prefix that all prompts share (system prompt, instruction) is computed once and its KV cache reused by
 every batch; each batch then computes only its prompts' own tokens (padding sits between the prefix and them).
-A prompt that, with its answer, would pass the model's context is cut from the front as in training, with a warning."""
+A prompt that, with its answer, would pass the model's context is cut from the front as in training, with a warning.
+Given `settled` (a test of the answer so far), a row stops as soon as its answer passes it: evaluation stops a
+classification answer once it names a choice that no further text can change (`metrics.choice_settled`)."""
 
 from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
 
-from ..attention import left_pad, repeated, shared_prefix_cache, text_config
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from ..attention import cache_kwarg, left_pad, repeated, shared_prefix_cache, text_config
 from ..errors import InstructuneError
 from ..prompts.format import PromptFormat
 from ..runtime import autocast, grouped_kv_heads, warn
@@ -63,14 +67,28 @@ def fit_context(model, encoded: list[list[int]], max_new_tokens: int, desc: str 
     return [ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:] for ids in encoded]
 
 
+class _Settled(StoppingCriteria):
+    """Stops each row whose answer so far passes `settled`, and remembers how many new tokens it had then."""
+
+    def __init__(self, fmt: PromptFormat, start: int, settled):
+        self.fmt, self.start, self.settled, self.lengths = fmt, start, settled, {}  # row: new tokens
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        for row, ids in enumerate(input_ids[:, self.start:].tolist()):
+            if row not in self.lengths and self.settled(self.fmt.clean_generation(
+                    self.fmt.tok.decode(ids, skip_special_tokens=True))):
+                self.lengths[row] = len(ids)
+        return torch.tensor([row in self.lengths for row in range(len(input_ids))], device=input_ids.device)
+
+
 @torch.no_grad()
 def generate(model, fmt: PromptFormat, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
-             desc: str = "generating", bf16: bool = False, share_prefix: bool = True) -> list[str]:
+             desc: str = "generating", bf16: bool = False, share_prefix: bool = True, settled=None) -> list[str]:
     with grouped_kv_heads(next(model.parameters()).device):
-        return _generate(model, fmt, prompts, max_new_tokens, batch_size, desc, bf16, share_prefix)
+        return _generate(model, fmt, prompts, max_new_tokens, batch_size, desc, bf16, share_prefix, settled)
 
 
-def _generate(model, fmt, prompts, max_new_tokens, batch_size, desc, bf16, share_prefix) -> list[str]:
+def _generate(model, fmt, prompts, max_new_tokens, batch_size, desc, bf16, share_prefix, settled) -> list[str]:
     tok = fmt.tok
     encoded = fit_context(model, [fmt.encode_prompt(p) for p in prompts], max_new_tokens, desc)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first: memory peaks early
@@ -87,13 +105,18 @@ def _generate(model, fmt, prompts, max_new_tokens, batch_size, desc, bf16, share
         # left padding, between the shared prefix and each prompt's own tokens
         ids, mask = left_pad([encoded[i][prefix:] for i in idx], tok.pad_token_id, encoded[idx[0]][:prefix])
         length = ids.shape[1]
-        cache = {"past_key_values": repeated(prefix_cache, len(idx))} if prefix_cache is not None else {}
+        cache = {cache_kwarg(model): repeated(prefix_cache, len(idx))} if prefix_cache is not None else {}
+        start = 0 if model.config.is_encoder_decoder else length  # a decoder-only output repeats its prompt
+        stop = _Settled(fmt, start, settled) if settled else None
         with autocast(bf16, device):
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=end_ids, pad_token_id=tok.pad_token_id,
-                                 temperature=None, top_p=None, top_k=None, **cache)
-        start = 0 if model.config.is_encoder_decoder else length  # a decoder-only output repeats its prompt
+                                 temperature=None, top_p=None, top_k=None,
+                                 stopping_criteria=StoppingCriteriaList([stop] if stop else []), **cache)
         for row, i in enumerate(idx):
-            outputs[i] = fmt.clean_generation(tok.decode(out[row, start:], skip_special_tokens=True))
+            new = out[row, start:]
+            if stop and row in stop.lengths:  # the row's answer settled there; pad tokens follow
+                new = out[row, start:start + stop.lengths[row]]
+            outputs[i] = fmt.clean_generation(tok.decode(new, skip_special_tokens=True))
     model.train(was_training)
     return outputs

@@ -48,6 +48,34 @@ def parse_choice(text: str, choices: list[str]) -> str | None:
     return best[2] if best else None
 
 
+def choice_settled(text: str, choices: list[str]) -> bool:
+    """Whether `parse_choice(text + more)` is the same for every continuation `more`, so generation may stop here.
+
+    True when a choice occurs as a whole word that a non-word character already follows, and no choice starts
+    at or before it that more text could still complete ("Positive: the" is settled, "Positive" is not: it may
+    go on to "Positively"). The exact-match rule of `parse_choice` never disagrees with the earliest-match rule,
+    so only the latter is checked. Choices that begin or end with a non-word character are never settled."""
+    lows = [c.strip().lower() for c in choices]
+    if not lows or any(not low or not re.match(r"\w", low[0]) or not re.match(r"\w", low[-1]) for low in lows):
+        return False
+    norm = (text or "").strip().lower().lstrip(_EDGE)  # as parse_choice normalises, minus the end more text moves
+    settled = None  # (start, -length) of the earliest choice whose match no continuation can undo
+    for low in lows:
+        m = re.search(r"(?<!\w)" + re.escape(low) + r"(?=[^\w])", norm)
+        if m and (settled is None or (m.start(), -len(low)) < settled):
+            settled = (m.start(), -len(low))
+    if settled is None:
+        return False
+    for low in lows:  # a choice that starts at or before it and is still open: text at the end could decide it
+        for t in range(settled[0] + 1):
+            if (t and re.match(r"\w", norm[t - 1])) or (t, -len(low)) >= settled:
+                continue
+            rest = norm[t:]
+            if low.startswith(rest) or (rest.startswith(low) and rest[len(low):len(low) + 1] in ("", "_")):
+                return False
+    return True
+
+
 def _parse_labels(predictions, references, choices):
     preds = [parse_choice(p, choices) for p in predictions]
     refs = [parse_choice(r, choices) for r in references]

@@ -6,7 +6,7 @@ from ..config import EvalConfig
 from ..prompts import Pair, PromptFormat, TaskTemplate
 from .generate import generate
 from .likelihood import classify_by_likelihood
-from .metrics import PRIMARY_METRIC, compute_metrics
+from .metrics import PRIMARY_METRIC, choice_settled, compute_metrics
 
 
 def answer(model, fmt: PromptFormat, template: TaskTemplate, prompts: list[str], cfg: EvalConfig,
@@ -15,7 +15,16 @@ def answer(model, fmt: PromptFormat, template: TaskTemplate, prompts: list[str],
     if template.type == "classification" and cfg.classification_mode == "likelihood" and not fmt.seq2seq:
         return classify_by_likelihood(model, fmt, prompts, template.choices, cfg.batch_size, bf16=cfg.bf16,
                                       desc=desc), "likelihood"
-    return generate(model, fmt, prompts, template.max_new_tokens, cfg.batch_size, desc=desc, bf16=cfg.bf16), "generation"
+    return generate(model, fmt, prompts, template.max_new_tokens, cfg.batch_size, desc=desc, bf16=cfg.bf16,
+                    settled=settled(template)), "generation"
+
+
+def settled(template: TaskTemplate):
+    """When a generated answer is final for scoring: a classification answer once it names a choice that no more
+    text can change (its metric would be the same, in fewer decoding steps); None: at the end of the answer."""
+    if template.type == "classification" and template.choices:
+        return lambda text: choice_settled(text, template.choices)
+    return None
 
 
 def score(template: TaskTemplate, test: list[Pair], predictions: list[str], prompts: list[str], mode: str) -> dict:
@@ -42,7 +51,7 @@ def validation_scorer(subsets: list[tuple[TaskTemplate, PromptFormat, list[Pair]
         for template, fmt, pairs in subsets:
             prompts = [fmt.prompt_text(p.messages) for p in pairs]
             preds = generate(model, fmt, prompts, template.max_new_tokens, batch_size,
-                             desc=f"{template.task}: validation metric", bf16=bf16)
+                             desc=f"{template.task}: validation metric", bf16=bf16, settled=settled(template))
             metrics, _ = compute_metrics(template.type, preds, [p.completion for p in pairs], template.choices)
             values.append(metrics[PRIMARY_METRIC[template.type]])
         return sum(values) / max(len(values), 1)
