@@ -107,3 +107,22 @@ def test_train_records_the_plan_and_the_measured_peak(tmp_path, tiny_model):
     mem = json.loads((tmp_path / "run" / "model" / "instructune.json").read_text())["memory"]
     assert mem["strategy"] == "ddp" and mem["planned_peak"] > 0 and len(mem["peak"]) == 1
     assert mem["weights"][0] == mem["planned"]["weights"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the resident high-water mark is Linux's")
+def test_the_peak_count_restarts_without_what_the_allocator_kept_from_the_baseline():
+    """Memory the baseline freed but the C allocator kept (resident) must not count as training's peak: 300 MB of
+    blocks freed under a live one stay resident, and the count restarted by reset_peak is below them."""
+    script = """
+import torch
+from instructune.train import memory
+blocks = [bytearray(100_000) for _ in range(3000)]  # below glibc's mmap threshold: they live in the heap
+pin = bytearray(100_000)  # keeps the heap's top in use, so freeing the blocks returns nothing by itself
+del blocks
+rss = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+memory.reset_peak(torch.device("cpu"))
+print(rss, memory.peak_memory(torch.device("cpu")))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    rss, peak = map(int, out.stdout.split())
+    assert rss - peak > 200e6, (rss, peak)

@@ -21,6 +21,9 @@ peaks by benchmarks/memory_scaling.py."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import warnings
 from dataclasses import dataclass, field
 
@@ -153,12 +156,19 @@ def device_memory() -> tuple[int, str]:
 def reset_peak(device) -> None:
     """Start this process's peak-memory count afresh (training after a baseline in the same process): the GPU's
     peak statistics, or Linux's resident high-water mark (`/proc/self/clear_refs`; where that cannot be written,
-    the peak stays the process's lifetime one)."""
+    the peak stays the process's lifetime one). On the CPU, the memory that the C allocator keeps after the
+    baseline freed it (resident, so counted in the mark) is first handed back, or training's peak would be the
+    baseline's: 4.07 GB measured against a 2.21 GB plan after e-mail 2-shot evaluation."""
     import torch
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)  # glibc; elsewhere not there
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
