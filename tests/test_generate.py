@@ -12,18 +12,25 @@ MESSAGES = ["my parcel is late", "I was charged twice on my invoice", "the app c
             "Barack Obama was born in Hawaii", "the cat eats the fish"]
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_shared_prefix_generation_equals_full_prompts(tiny_model, tiny_gemma, family):
-    path = tiny_model if family == "llama" else tiny_gemma
+def _model_and_prompts(path, **overrides):
+    """(tokenizer, model with larger random weights, plain prompt format, prompts): the greedy tokens of such a model
+    depend on the prompt, and each prompt's own words sit near its end."""
     tok = AutoTokenizer.from_pretrained(path)
-    # Gemma's tiny window (8) is widened so prompt + answer fit in it, as Gemma 3's 512 does for short prompts
-    model = AutoModelForCausalLM.from_pretrained(path, **({} if family == "llama" else {"sliding_window": 128}))
-    fmt = PromptFormat(tok, chat=False, separator="\nCategory:")  # each prompt's own words sit near its end
+    model = AutoModelForCausalLM.from_pretrained(path, **overrides)
+    fmt = PromptFormat(tok, chat=False, separator="\nCategory:")
     torch.manual_seed(0)
-    with torch.no_grad():  # larger random weights: the greedy tokens then depend on the prompt
+    with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
     prompts = [fmt.prompt_text([{"role": "user", "content": f"Classify the following message. {m}"}]) for m in MESSAGES]
+    return tok, model, fmt, prompts
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_shared_prefix_generation_equals_full_prompts(tiny_model, tiny_gemma, family):
+    # Gemma's tiny window (8) is widened so prompt + answer fit in it, as Gemma 3's 512 does for short prompts
+    tok, model, fmt, prompts = _model_and_prompts(tiny_model if family == "llama" else tiny_gemma,
+                                                  **({} if family == "llama" else {"sliding_window": 128}))
     calls, tokens = [], []
     original = model.generate
 
@@ -50,14 +57,7 @@ def test_shared_prefix_generation_equals_full_prompts(tiny_model, tiny_gemma, fa
 def test_a_row_stops_once_its_answer_is_settled(tiny_model):
     """`settled` cuts each answer at the first generated token where the test passes, and a batch ends once all its
     rows have stopped (fewer decoding steps); answers that never pass run to the end as before."""
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    fmt = PromptFormat(tok, chat=False, separator="\nCategory:")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    prompts = [fmt.prompt_text([{"role": "user", "content": f"Classify the following message. {m}"}]) for m in MESSAGES]
+    tok, model, fmt, prompts = _model_and_prompts(tiny_model)
     steps, tokens = [], []
     forward, original = model.forward, model.generate
     model.forward = lambda *a, **k: steps.append(1) or forward(*a, **k)
