@@ -30,8 +30,7 @@ from instructune.data import read_sources, split_sources  # noqa: E402
 from instructune.evaluate.generate import generate  # noqa: E402
 from instructune.export import export_gguf, llama_cpp_outputs, parity_report, test_prompts  # noqa: E402
 from instructune.export.source import full_precision_model, model_folder, tokenizer_and_format  # noqa: E402
-from instructune.models import read_manifest  # noqa: E402
-from instructune.prompts import PromptFormat  # noqa: E402
+from instructune.manifest import Manifest  # noqa: E402
 from instructune.tasks import label_getter  # noqa: E402
 
 
@@ -56,7 +55,7 @@ def render(chat_template: str, messages: list[dict]) -> str:
 def prompts_from_gguf(run: Path, gguf: Path, limit: int) -> tuple[dict[str, list[str]], float]:
     """The test prompts rendered with the GGUF's own chat template, and the share equal to evaluation's prompts."""
     cfg = load_config(run / "config.yaml")
-    manifest = read_manifest(model_folder(run))
+    manifest = Manifest.read(model_folder(run))
     tasks = test_prompts(run, limit)
     template_text = gguf_chat_template(gguf)
     out, same, total = {}, 0, 0
@@ -68,7 +67,7 @@ def prompts_from_gguf(run: Path, gguf: Path, limit: int) -> tuple[dict[str, list
         label_of = label_getter(saved) if tc.type == "classification" else None
         records = split_sources(read_sources(tc.data), tc.data, cfg.seed, label_of)["test"][:limit]
         messages = [saved.prompt_only(r) for r in records]
-        if manifest.get("chat_template") and template_text:
+        if manifest.chat_template and template_text:
             out[tc.name] = [render(template_text, m) for m in messages]
         else:
             out[tc.name] = t["prompts"]
@@ -80,12 +79,12 @@ def prompts_from_gguf(run: Path, gguf: Path, limit: int) -> tuple[dict[str, list
 def instructune_speed(run: Path, limit: int) -> float:
     """Generated tokens/s of instructune's batched greedy generation (fp32) on the same test prompts."""
     model_dir = model_folder(run)
-    manifest = read_manifest(model_dir)
+    manifest = Manifest.read(model_dir)
     model = full_precision_model(model_dir, manifest)
     tok, _ = tokenizer_and_format(model_dir, manifest)
     tokens, seconds = 0, 0.0
     for name, t in test_prompts(run, limit).items():
-        fmt = PromptFormat(tok, bool(manifest["chat_template"]), t["template"].separator)
+        fmt = manifest.prompt_format(tok, t["template"].separator)
         start = time.perf_counter()
         answers = generate(model, fmt, t["prompts"], t["template"].max_new_tokens, 32)
         seconds += time.perf_counter() - start

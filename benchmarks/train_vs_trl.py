@@ -67,7 +67,7 @@ def prepared(config: str, model: str, steps: int):
     pairs = task.pairs["train"][: steps * BATCH]
     if len(pairs) < steps * BATCH:
         raise SystemExit(f"only {len(pairs)} training examples, {steps * BATCH} needed for {steps} steps")
-    encoded = [task.fmt.encode(p, MAX_LENGTH) for p in pairs]
+    encoded = [task.fmt.encode(p, MAX_LENGTH, task.template.max_new_tokens) for p in pairs]
     return cfg, prep, encoded
 
 

@@ -169,3 +169,42 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     if "INSTRUCTUNE_CACHE" not in os.environ:
         monkeypatch.setenv("INSTRUCTUNE_CACHE", str(tmp_path / "cache"))
+
+
+# -- comparing two computations of the same training -------------------------------------------------------------
+# The runs these tests compare differ only in the order of fp32 sums: how a batch is split over processes, passes or
+# accumulation steps, the thread count, and the matrix kernels, whose blocking depends on the CPU's vector width
+# (AVX2, AVX-512, AMX) or on CUDA. Each op then agrees to fp32 rounding (~1e-7 relative, times the square root of
+# the terms summed), and AdamW's per-coordinate normalisation (g / sqrt(v)) magnifies that for coordinates whose
+# gradient is small. So they are compared relative to the magnitudes involved, never in absolute units that hold on
+# one CPU only: a loss to LOSS_RTOL of its value; a gradient to GRAD_RTOL of the tensor's largest entry; weights
+# by how far training moved them (max |a - b| <= WEIGHT_RTOL * max |a - start|, per tensor). A real fault (a lost
+# share of the gradient, a wrong reduction, a token attending across examples) moves a loss by 1e-3 or more of its
+# value and weights by a large part of their movement: the tests that break the code on purpose show it.
+LOSS_RTOL = 1e-5
+GRAD_RTOL = 1e-4
+WEIGHT_RTOL = 1e-3
+
+
+def loss_gap(a: list[dict], b: list[dict], key: str = "loss") -> float:
+    """The largest relative difference of `key` between two training logs of the same steps."""
+    assert [e["step"] for e in a] == [e["step"] for e in b]
+    return max(abs(x[key] - y[key]) / max(abs(x[key]), abs(y[key]), 1e-12) for x, y in zip(a, b) if key in x)
+
+
+def grads_gap(a: dict, b: dict) -> float:
+    """The largest difference between two sets of gradients, per tensor, relative to the tensor's largest entry."""
+    assert a.keys() == b.keys() and a
+    return max(((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-30)).item() for n in a)
+
+
+def weights_gap(a: dict, b: dict, start: dict) -> float:
+    """How far apart two trainings of the same weights ended, per tensor, relative to how far training moved them
+    (tensors training did not move at all must end equal)."""
+    assert a.keys() == b.keys() and a
+    gaps = []
+    for n in a:
+        moved = (a[n] - start[n]).abs().max().item()
+        gap = (a[n] - b[n]).abs().max().item()
+        gaps.append(gap / moved if moved else float(gap > 0) * float("inf"))
+    return max(gaps)

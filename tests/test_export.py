@@ -19,7 +19,8 @@ from instructune.export import (export_gguf, export_merged, gguf_outputs, ollama
                                 render_go_template, write_modelfile)
 from instructune.export.gotemplate import go_template
 from instructune.export.source import full_precision_model
-from instructune.models import MANIFEST, load_model
+from instructune.manifest import MANIFEST, Manifest
+from instructune.models import load_model
 from instructune.prompts import PromptFormat, TaskTemplate
 from instructune.prompts.library import LIBRARY
 
@@ -143,7 +144,7 @@ def test_gguf_f16_loads_back_with_same_tokens_logits_and_greedy_outputs(tmp_path
     run = tiny_run if which == "llama" else gemma_run
     path = export_gguf(run, tmp_path / "m.gguf", "f16")
     model_dir = run / "model"
-    ref = full_precision_model(model_dir, _manifest(run))  # what export_merged saves (tested above)
+    ref = full_precision_model(model_dir, Manifest.read(model_dir))  # what export_merged saves (tested above)
     back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     tok, texts = _chat_prompts(run)
     gguf_tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
@@ -162,7 +163,7 @@ def test_real_llama_cpp_loads_the_gguf_with_the_same_tokens_and_logits(tmp_path,
     llama_cpp = pytest.importorskip("llama_cpp")
     run = tiny_run if which == "llama" else gemma_run
     path = export_gguf(run, tmp_path / "m.gguf", "f16")
-    ref = full_precision_model(run / "model", _manifest(run))
+    ref = full_precision_model(run / "model", Manifest.read(run / "model"))
     tok, texts = _chat_prompts(run)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, logits_all=True, verbose=False)
     for ids, logits in zip(_encode(tok, texts), _logits(ref, _encode(tok, texts))):
@@ -209,13 +210,13 @@ def test_modelfile_template_renders_exactly_the_training_prompt(tmp_path, tiny_r
     tok = AutoTokenizer.from_pretrained(tiny_run / "model")
     manifest = _manifest(tiny_run)
     fmt = PromptFormat(tok, True)
-    chat = ollama_prompt(tok, manifest)
+    chat = ollama_prompt(tok, Manifest.model_validate(manifest))
     for system in (None, "You label support tickets."):
         assert render_go_template(chat.template, system, "Where is my order?") == \
             fmt.prompt_text(_messages(system, "Where is my order?"))
     # --task: the user's text goes through the task's training template
     template = TaskTemplate.from_dict(manifest["tasks"]["tiny_classification"])
-    wrapped = ollama_prompt(tok, manifest, "tiny_classification")
+    wrapped = ollama_prompt(tok, Manifest.model_validate(manifest), "tiny_classification")
     from instructune.data.load import Record
 
     training = fmt.prompt_text(template.prompt_only(Record({"text": "my parcel is late"})))
@@ -223,7 +224,7 @@ def test_modelfile_template_renders_exactly_the_training_prompt(tmp_path, tiny_r
     assert wrapped.stops == ["<|im_end|>"]
     # a plain (non-chat) model: the plain format with the task's separator, and the evaluation's cut at a blank line
     plain_manifest = {**manifest, "chat_template": False}
-    plain = ollama_prompt(tok, plain_manifest, "tiny_classification")
+    plain = ollama_prompt(tok, Manifest.model_validate(plain_manifest), "tiny_classification")
     plain_fmt = PromptFormat(tok, False, template.separator)
     assert render_go_template(plain.template, None, "my parcel is late") == \
         plain_fmt.prompt_text(template.prompt_only(Record({"text": "my parcel is late"})))
@@ -303,6 +304,6 @@ def test_refusals(tmp_path, tiny_run, tiny_gemma):
 
     tok = AutoTokenizer.from_pretrained(tiny_run / "model")
     with pytest.raises(InstructuneError, match="2 input fields"):
-        ollama_prompt(tok, manifest, "qa")
+        ollama_prompt(tok, Manifest.model_validate(manifest), "qa")
     with pytest.raises(InstructuneError, match="unknown task"):
-        ollama_prompt(tok, manifest, "nope")
+        ollama_prompt(tok, Manifest.model_validate(manifest), "nope")

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import GRAD_RTOL, LOSS_RTOL, grads_gap
 from instructune.errors import InstructuneError
 from instructune.prompts import Pair, PromptFormat
 from instructune.prompts.format import Encoded
@@ -26,7 +27,7 @@ def pair(prompt, completion):
 def test_only_completion_and_eos_are_trained(tiny_model, tiny_plain_model, chat):
     tok = AutoTokenizer.from_pretrained(tiny_model if chat else tiny_plain_model)
     fmt = PromptFormat(tok, chat=chat, separator="\nCategory: ")
-    enc = fmt.encode(pair("Classify: my parcel is late", "delivery"), max_length=128)
+    enc = fmt.encode(pair("Classify: my parcel is late", "delivery"), max_length=128, answer_tokens=8)
     prompt_ids = fmt.encode_prompt(fmt.prompt_text([{"role": "user", "content": "Classify: my parcel is late"}]))
     n = len(prompt_ids)
     assert enc.input_ids[:n] == prompt_ids  # generation sees exactly the training prompt
@@ -99,10 +100,8 @@ def test_packed_batch_equals_padded_batch_in_loss_and_gradients(tiny_model, tiny
     alone = (sum(a[0] for a in alone), {n: sum(a[1][n] for a in alone) for n in reference[1]})
     for packed, grouped_kv in ((False, True), (True, False), (True, True), (None, False)):
         loss, grads = alone if packed is None else _loss_and_grads(model, collate(exs, 0, packed=packed), grouped_kv)
-        assert loss == pytest.approx(reference[0], rel=1e-5)
-        assert grads.keys() == reference[1].keys() and grads
-        for n in grads:
-            assert torch.allclose(grads[n], reference[1][n], rtol=1e-4, atol=1e-5), (packed, grouped_kv, n)
+        assert loss == pytest.approx(reference[0], rel=LOSS_RTOL)
+        assert grads_gap(grads, reference[1]) < GRAD_RTOL, (packed, grouped_kv)
     padded = reference[0]
     # and the check can fail: without the block-diagonal mask (one plain causal row) the loss differs
     leaky = collate(exs, 0, packed=True)
@@ -123,8 +122,8 @@ def test_padded_batch_loss_equals_unpadded(tiny_model):
             out = model(input_ids=torch.tensor([e.input_ids]))
             logits, labels = out.logits[0, :-1], torch.tensor(e.labels[1:])
             full += torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum").item()
-    assert together == pytest.approx(alone, rel=1e-5)
-    assert together == pytest.approx(full, rel=1e-5)
+    assert together == pytest.approx(alone, rel=LOSS_RTOL)
+    assert together == pytest.approx(full, rel=LOSS_RTOL)
     assert collate(exs, 0)["n_supervised"] == sum(e.n_supervised for e in exs) == 3 + 6 + 1
 
 
@@ -145,10 +144,16 @@ def test_audit_requires_end_of_sequence_trained():
 def test_truncation_keeps_the_completion_and_its_eos(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     fmt = PromptFormat(tok, chat=True)
-    enc = fmt.encode(pair("word " * 200, "billing"), max_length=32)
-    assert len(enc.input_ids) == 32
+    enc = fmt.encode(pair("word " * 200, "billing"), max_length=32, answer_tokens=8)
+    assert enc.labels[: 32 - 8] == [IGNORE] * (32 - 8) and enc.labels[32 - 8] != IGNORE  # the prompt keeps 32 - 8
     sup = [l for l in enc.labels if l != IGNORE]
     assert sup[-1] == tok.eos_token_id and "billing" in tok.decode(sup)
+    # a completion longer than the answer's room takes what the prompt leaves, and still ends with its end token
+    long = fmt.encode(pair("word " * 200, "billing " * 40), max_length=32, answer_tokens=8)
+    assert len(long.input_ids) == 32 and long.labels.count(IGNORE) == 32 - 8 and long.labels[-1] == tok.eos_token_id
+    short = fmt.encode(pair("hi", "billing " * 40), max_length=32, answer_tokens=8)  # a short prompt: uncut
+    assert len(short.input_ids) == 32 and short.input_ids[: short.labels.count(IGNORE)] == fmt.encode_prompt(
+        fmt.prompt_text(pair("hi", "x").messages)) and short.labels[-1] == tok.eos_token_id
 
 
 def test_length_grouped_batches_cover_every_example_once():
@@ -173,7 +178,7 @@ def test_seq2seq_loss_matches_the_models_own_and_trains_eos(tiny_t5):
     fmt = PromptFormat(tok, chat=False, separator="\nCategory: ", seq2seq=True)
     pairs = [Pair([{"role": "user", "content": t}], c) for t, c in
              (("The parcel never arrived.", "delivery"), ("I was charged twice on my invoice, please refund.", "billing"))]
-    encoded = [fmt.encode(p, 64) for p in pairs]
+    encoded = [fmt.encode(p, 64, 8) for p in pairs]
     for e, p in zip(encoded, pairs):
         assert e.labels[-1] == tok.eos_token_id and IGNORE not in e.labels
         assert tok.decode(e.labels[:-1]).strip() == p.completion and p.completion not in tok.decode(e.input_ids)
@@ -224,10 +229,8 @@ def test_shared_prefix_computed_once_equals_the_padded_batch(tiny_model, tiny_ge
     reference = _loss_and_grads(model, collate(exs, 0), grouped_kv=False)
     for batch, grouped_kv in ((two_pass, False), (two_pass, True), (fused, False), (fused, True)):
         loss, grads = _loss_and_grads(model, batch, grouped_kv)
-        assert loss == pytest.approx(reference[0], rel=1e-5)
-        assert grads.keys() == reference[1].keys()
-        for n in grads:
-            assert torch.allclose(grads[n], reference[1][n], rtol=1e-4, atol=1e-5), (grouped_kv, n)
+        assert loss == pytest.approx(reference[0], rel=LOSS_RTOL)
+        assert grads_gap(grads, reference[1]) < GRAD_RTOL, grouped_kv
     # the fused mask is what keeps examples apart: without it the loss differs by far more than the tolerance above
     leaky = dict(fused, attention_mask=torch.ones_like(fused["attention_mask"]).tril())
     with torch.no_grad():

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import tiny_config, write_config
-from instructune.config import ExperimentConfig, LoraConfig
+from instructune.config import ExperimentConfig
 from instructune.experiment import memory_plan
-from instructune.models import hf_config, load_model, training_model
+from instructune.models import hf_config, training_model
 from instructune.tasks import prepare
 from instructune.train import memory
 from instructune.train.loop import train

@@ -30,9 +30,39 @@ def test_native_bf16_keeps_the_setting(tmp_path, tiny_model, monkeypatch, capsys
     assert cfg.evaluate.bf16 is True and "bf16" not in capsys.readouterr().err
 
 
+def _cpu_flags() -> set[str]:
+    from pathlib import Path
+
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        import pytest
+
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    return {f for line in info.read_text().splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
 def test_native_bf16_answers_for_this_machine():
-    assert isinstance(native_bf16(torch.device("cpu")), bool)
+    """What the CPU's flags settle: bf16 instructions (AVX512-BF16, AMX) mean native; a CPU with neither AVX-512 nor
+    AVX-NE-CONVERT (AVX2 only, as the AMD EPYC machines here) emulates bf16, several times slower than fp32."""
+    flags = _cpu_flags()
+    if {"amx_bf16", "avx512_bf16"} & flags:
+        assert native_bf16(torch.device("cpu")) is True
+    elif not {"avx512f", "avx_ne_convert"} & flags:
+        assert native_bf16(torch.device("cpu")) is False
     assert native_bf16(torch.device("meta")) is True
+
+
+def test_native_bf16_follows_onednn_on_a_cpu_and_torch_on_a_gpu(monkeypatch):
+    for answer in (True, False):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda a=answer: a)
+        assert native_bf16(torch.device("cpu")) is answer
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda a=answer: a)
+        assert native_bf16(torch.device("cuda")) is answer
+
+    def unknown():
+        raise RuntimeError("no oneDNN")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", unknown)
+    assert native_bf16(torch.device("cpu")) is True  # cannot tell: do as the config asks
 
 
 def test_a_process_without_a_gpu_of_its_own_is_refused_by_name(monkeypatch):

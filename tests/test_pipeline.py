@@ -79,7 +79,7 @@ def test_task_type_end_to_end(tmp_path, tiny_model, task_type):
     assert (run / "report.md").read_text().count("| metric |") == 1
     # the model folder loads with the template it was trained with
     manifest = json.loads((run / "model" / "instructune.json").read_text())
-    assert manifest["tasks"][f"tiny_{task_type}"]["type"] == task_type
+    assert manifest["version"] == 1 and manifest["tasks"][f"tiny_{task_type}"]["type"] == task_type
     assert (run / "model" / "adapter_model.safetensors").is_file()
     assert manifest["audit"]["eos_supervised"] is True
 

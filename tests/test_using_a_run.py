@@ -134,14 +134,14 @@ def test_chat_ctrl_c_stops_a_reply_not_the_program(tmp_path, tiny_run):
 def test_chat_task_mode_renders_the_training_prompt(tiny_run):
     from instructune.chat import chat
     from instructune.models import load_finetuned
-    from instructune.predict import prompt_format, record_from_text, task_template
+    from instructune.predict import record_from_text
 
     inputs, written = iter(["my parcel is late", "/exit"]), []
     chat(tiny_run, task="tiny_classification", max_new_tokens=4, read=lambda prompt: next(inputs),
          write=lambda *a, **k: written.append("".join(map(str, a))))
     model, tok, meta = load_finetuned(tiny_run)
-    template = task_template(meta, "tiny_classification")
-    fmt = prompt_format(tok, meta, template)
+    template = meta.task_template("tiny_classification")
+    fmt = meta.prompt_format(tok, template.separator)
     prompt = fmt.prompt_text(template.prompt_only(record_from_text("my parcel is late", template)))
     from instructune.evaluate.generate import generate
 

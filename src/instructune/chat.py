@@ -9,15 +9,15 @@ from pathlib import Path
 import torch
 
 from .models import load_finetuned
-from .predict import prompt_format, record_from_text, task_template
+from .predict import record_from_text
 
 HELP = "Type a message. /reset starts a new conversation, /exit (or Ctrl-D) quits; Ctrl-C stops a reply."
 
 
 def chat(model_dir: Path, task: str | None = None, max_new_tokens: int = 256, read=input, write=print) -> None:
-    model, tokenizer, meta = load_finetuned(model_dir)
-    template = task_template(meta, task) if task else None
-    fmt = prompt_format(tokenizer, meta, template or task_template(meta, next(iter(meta["tasks"]))))
+    model, tokenizer, manifest = load_finetuned(model_dir)
+    template = manifest.task_template(task) if task else None
+    fmt = manifest.prompt_format(tokenizer, (template or manifest.task_template(manifest.task_names()[0])).separator)
     write(HELP)
     history: list[dict] = []
     while True:
@@ -64,7 +64,7 @@ def _stream(model, fmt, prompt: str, max_new_tokens: int, write) -> str:
         def __call__(self, input_ids, scores, **kwargs):
             return stop.is_set()
 
-    ids = torch.tensor([fmt.encode_prompt(prompt)], device=next(model.parameters()).device)
+    ids = torch.tensor([fmt.prompt_ids(prompt, max_new_tokens)], device=next(model.parameters()).device)  # as trained
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit:  # the reply fits the context; a long conversation keeps its newest part
         max_new_tokens = max(1, min(max_new_tokens, limit // 2))

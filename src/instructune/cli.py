@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import typer
 
+from . import tasktypes
 from .errors import EXIT_INTERRUPTED, EXIT_OTHER, InstructuneError
 
 EXIT_HELP = ("Exit status: 0 done; 2 bad input (the message names the file:line or config key; nothing is written); "
@@ -265,7 +266,7 @@ def data_lint(config: Path, set_: Optional[List[str]] = typer.Option(None, "--se
         st = stats[task.name]
         typer.secho(f"{task.name} ({task.template.type})", bold=True)
         typer.echo("  splits: " + ", ".join(f"{k} {v}" for k, v in st["sizes"].items()))
-        if task.template.type == "classification":
+        if tasktypes.get(task.template.type).choices:
             for split in ("train", "test"):
                 counts = Counter(p.completion for p in task.pairs.get(split, []))
                 typer.echo(f"  {split} labels: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
@@ -302,11 +303,11 @@ def generate(text: str = typer.Argument(..., help="the input: plain text for the
     """Answer one input with a fine-tuned model, rendering the prompt with the template it was trained with."""
     from .evaluate.generate import check_prompt_fits, generate as run_generate
     from .models import load_finetuned
-    from .predict import prompt_format, record_from_text, task_template
+    from .predict import record_from_text
 
-    model_obj, tokenizer, meta = load_finetuned(model)
-    template = task_template(meta, task)
-    fmt = prompt_format(tokenizer, meta, template)
+    model_obj, tokenizer, manifest = load_finetuned(model)
+    template = manifest.task_template(task)
+    fmt = manifest.prompt_format(tokenizer, template.separator)
     prompt = fmt.prompt_text(template.prompt_only(record_from_text(text, template)))
     new_tokens = max_new_tokens or template.max_new_tokens
     check_prompt_fits(model_obj, fmt, prompt, new_tokens, "TEXT")  # refused with the numbers, never fed past the context
@@ -371,14 +372,14 @@ def export(run: Path = typer.Argument(..., help="a run folder (or its model/ fol
 
 
 @app.command()
-def templates(task_type: Optional[str] = typer.Argument(None, help="classification, summarization, translation, qa or ner")):
+def templates(task_type: Optional[str] = typer.Argument(None, help=", ".join(tasktypes.names()))):
     """List the template library (use a name as a task's `template`)."""
-    from .prompts.library import DEFAULT_TEMPLATE, LIBRARY
+    from .prompts.library import LIBRARY
 
     for name, t in LIBRARY.items():
         if task_type and not name.startswith(task_type + "/"):
             continue
-        default = " (default)" if name in DEFAULT_TEMPLATE.values() else ""
+        default = " (default)" if name in {tasktypes.get(t).default_template for t in tasktypes.names()} else ""
         typer.secho(f"{name}{default}", bold=True)
         typer.echo(f"  prompt:     {t.prompt!r}\n  separator:  {t.separator!r}\n  completion: {t.completion!r}")
 

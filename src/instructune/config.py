@@ -8,14 +8,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import tasktypes
 from .errors import InstructuneError
 from .hub import looks_like_hub_id
 
 # A config is a few hundred nodes; these caps refuse an alias bomb or a deep nest before anything is expanded.
 MAX_YAML_NODES = 100_000
 MAX_YAML_DEPTH = 64
-
-TaskType = Literal["classification", "summarization", "translation", "qa", "ner"]
 
 
 class Strict(BaseModel):
@@ -64,7 +63,8 @@ def _check_name(name: str) -> str:
 
 class TaskConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    type: TaskType
+    type: str = Field(description="a registered task type (instructune/tasktypes.py): classification, "
+                      "summarization, translation, qa, ner")
     data: DataConfig
     template: str | TemplateConfig | None = Field(None, description="library name (see `instructune templates`) or {prompt, completion}")
     fields: dict[str, str] = Field(default_factory=dict, description="template variable -> record field")
@@ -74,6 +74,12 @@ class TaskConfig(Strict):
     system_prompt: str | None = None
 
     _name = field_validator("name")(_check_name)
+
+    @field_validator("type")
+    @classmethod
+    def _registered_type(cls, v):
+        tasktypes.get(v)  # an unknown type is a ValueError listing the known ones, reported with the key and line
+        return v
 
     @field_validator("choices", mode="before")
     @classmethod
@@ -108,11 +114,38 @@ class LoraConfig(Strict):
     r: int = Field(16, gt=0)
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1, description="0 by default (as torchtune): on a CPU, dropout on the 7 adapted inputs of every layer costs about 1.6x the time and 25 % more memory")
-    target_modules: str | list[str] = "all-linear"
+    target_modules: str | list[str] = Field("all-linear", description="`all-linear` (every linear layer but the "
+                                            "output head) or a list of module names (e.g. [q_proj, v_proj])")
+    variant: Literal["lora", "dora", "rslora"] = Field(
+        "lora", description="lora; dora (weight-decomposed: a trained magnitude per output, then a LoRA update of the "
+        "direction); rslora (rank-stabilised: scaling alpha/sqrt(r) instead of alpha/r, for large ranks)")
+    init: Literal["default", "pissa", "olora"] = Field(
+        "default", description="default (A random, B zero: training starts at the base model); pissa (A, B from the "
+        "weight's principal singular vectors, the rest left in the base); olora (from a QR decomposition). The saved "
+        "adapter is converted to a plain LoRA on the original base (rank 2r)")
+    modules_to_save: list[str] | None = Field(None, description="modules trained whole and saved with the adapter "
+                                              "(e.g. [lm_head] for new tokens)")
+
+    @model_validator(mode="after")
+    def _convertible(self):
+        """PiSSA/OLoRA are saved as a plain LoRA (A and B of rank 2r): peft's conversion keeps only A and B."""
+        if self.init != "default" and (self.variant == "dora" or self.modules_to_save):
+            raise ValueError(f"init: {self.init} cannot be combined with "
+                             f"{'variant: dora' if self.variant == 'dora' else 'modules_to_save'}: its adapter is saved "
+                             "converted to a plain LoRA on the original base, which keeps only the A and B matrices")
+        return self
 
 
 class TrainConfig(Strict):
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["lora", "qlora", "full"] = Field(
+        "lora", description="lora: adapters on the frozen base; qlora: the same on a base loaded in 4 bits "
+        "(bitsandbytes, `pip install 'instructune[qlora]'`); full: every weight trained")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="qlora: the 4-bit data type of the base weights")
+    double_quant: bool = Field(True, description="qlora: quantize the per-block scales too (8 bits instead of 32: "
+                               "about 0.37 bits less per weight)")
+    gradient_checkpointing: bool = Field(False, description="keep only each decoder layer's input for backward and "
+                                         "recompute the layer there: much less activation memory for about a third "
+                                         "more compute (the same losses and gradients)")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="with several processes: ddp keeps a whole model, its "
                                              "gradients and optimizer state in every process; fsdp shards them "
                                              "across processes (PyTorch FSDP2), for models past one device's memory")
@@ -126,7 +159,12 @@ class TrainConfig(Strict):
     pass_tokens: int = Field(1024, ge=0, description="split a micro-batch whose padded rows hold more tokens than this "
                              "into several forward/backward passes: the same update with less activation memory "
                              "(long examples); 0: never split")
-    lr: float | None = Field(None, gt=0, description="default 1e-3 for LoRA, 5e-5 for full")
+    lr: float | None = Field(None, gt=0, description="default 1e-3 for LoRA and QLoRA, 5e-5 for full")
+    optimizer: Literal["adamw"] = Field("adamw", description="adamw: AdamW (fused kernel on CPU and CUDA), with "
+                                        "weight_decay")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="the learning rate after a linear warm-up over warmup_ratio of the steps: linear "
+        "decay to zero at the last step, cosine decay to zero, or constant")
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = 1.0
@@ -146,7 +184,30 @@ class TrainConfig(Strict):
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (1e-3 if self.method == "lora" else 5e-5)
+        return self.lr if self.lr is not None else (5e-5 if self.method == "full" else 1e-3)
+
+    @model_validator(mode="after")
+    def _quantizable(self):
+        """QLoRA's 4-bit base cannot be decomposed into PiSSA/OLoRA factors as trained here: the SVD/QR needs the
+        full-precision weight, and the quantized residual would differ from the base the adapter is saved for."""
+        if self.method == "qlora" and self.lora.init != "default":
+            raise ValueError(f"lora.init: {self.lora.init} is not supported with method: qlora (its decomposition "
+                             "needs the full-precision base weights); use init: default, or method: lora")
+        if self.strategy == "fsdp" and (clash := fsdp_clash(self)):
+            raise ValueError(clash)
+        return self
+
+
+def fsdp_clash(train: TrainConfig) -> str | None:
+    """What the sharded path (FSDP2) cannot train, in words; None when it can. Checked with the config, and again
+    when an `accelerate launch` FSDP config asks for sharding without `train.strategy` saying so."""
+    if train.method == "qlora":
+        return ("method: qlora is not supported with strategy: fsdp yet (FSDP2 cannot shard 4-bit weights and their "
+                "quantization state); use strategy: ddp, or method: lora")
+    if train.lora.init != "default" and train.method != "full":
+        return (f"lora.init: {train.lora.init} is not supported with strategy: fsdp yet (the gathered adapter would "
+                "lose its conversion to a plain LoRA); use init: default, or strategy: ddp")
+    return None
 
 
 class BaselineConfig(Strict):

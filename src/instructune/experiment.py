@@ -8,7 +8,6 @@ was made from (`rundir.begin`/`finish`); redoing a stage first removes what depe
 from __future__ import annotations
 
 import functools
-import shutil
 from pathlib import Path
 
 import yaml
@@ -21,17 +20,17 @@ from .evaluate.score import answer, primary, score, validation_scorer
 from .io import atomic_write, write_json
 from . import rundir
 from .models import count_parameters, hf_config, load_finetuned, load_for_inference, save_model, training_model
-from .prompts import Pair, PromptFormat, TaskTemplate
+from .prompts import Pair, PromptFormat
 from .prompts.shots import kshot_prompts
 from .report import write_report
 from .runtime import distributed, is_main_process, say
 from .tasks import Prepared, data_fingerprint, data_stats, manifest, prepare
 from .train.audit import audit_masking
-from .train.checkpoint import newest_checkpoint
+from .train.checkpoint import newest_checkpoint, remove_checkpoints
 from .train import memory
-from .train.fsdp import gathered, wanted as shards
 from .train.loop import train
 from .train.loss import perplexity
+from .train.strategy import strategy_for
 
 
 def run(cfg: ExperimentConfig, resume: bool = False) -> dict:
@@ -134,7 +133,7 @@ def run_baseline(prep: Prepared, run_dir: Path) -> dict:
             say(f"{task.name}: base best prompt ({result['choice']['template']}, {result['choice']['shots']}-shot, "
                 f"chosen on validation) {primary(task.template, result)}")
         if not task.held_out and task.pairs.get("validation"):
-            results[task.name]["perplexity"] = _perplexity(model, task.fmt, task.pairs["validation"], cfg)
+            results[task.name]["perplexity"] = _perplexity(model, task.fmt, task.pairs["validation"], cfg, task.template.max_new_tokens)
     write_json(run_dir / "baseline.json", results)
     rundir.finish(run_dir, "baseline")
     return results
@@ -144,46 +143,62 @@ def run_baseline(prep: Prepared, run_dir: Path) -> dict:
 def run_train(prep: Prepared, run_dir: Path, resume: bool = False) -> Path:
     import torch
 
-    cfg = prep.cfg
-    checkpoint = run_dir / "checkpoint"
-    inputs = train_inputs(prep)
-    if is_main_process():
-        train_id = rundir.begin(run_dir, "train", inputs, keep=("train_log.jsonl", "tensorboard") if resume else ())
+    cfg, checkpoint, inputs = prep.cfg, run_dir / "checkpoint", train_inputs(prep)
+    train_id = (rundir.begin(run_dir, "train", inputs, keep=("train_log.jsonl", "tensorboard") if resume else ())
+                if is_main_process() else None)
     torch.manual_seed(cfg.seed)
     model = training_model(prep.model_source, cfg.model, cfg.train)  # a fresh copy: the baseline's is never touched
     trainable, total = count_parameters(model)
     say(f"{cfg.train.method}: {trainable:,} of {total:,} weights trainable ({100 * trainable / total:.2f} %)")
-    train_set = [e for t in prep.tasks for e in t.encoded("train", cfg.train.max_length)]
-    val_set = [e for t in prep.tasks for e in t.encoded("validation", cfg.train.max_length)[: cfg.train.max_validation]]
-    audit = audit_masking(train_set, set().union(*(t.fmt.end_ids() for t in prep.tasks)), "train split")
-    say(f"masking audit: {audit['supervised_tokens']:,} of {audit['tokens']:,} tokens supervised "
-        f"({100 * audit['supervised_share']:.1f} %), end-of-sequence supervised in every example")
+    train_set, val_set, audit = _training_data(prep)
+    scorer = _validation_scorer(prep)
     world = distributed()[1]
-    planned = memory_plan(prep, train_set)("fsdp" if shards(cfg.train, world) else "ddp", world)
+    strategy = strategy_for(cfg.train, world, model, scorer)  # one process, DDP or FSDP, for all of training
+    planned = memory_plan(prep, train_set)(strategy.plan_name, world)
     say(f"memory plan: {planned.line()}")
     memory.reset_peak(next(model.parameters()).device)
     if resume and not newest_checkpoint(checkpoint):
         say("no checkpoint to resume from: training from the start")
-    scorer = None
-    if cfg.train.eval_metric:
-        scorer = validation_scorer([(t.template, t.fmt, t.pairs.get("validation", [])[: cfg.train.metric_samples])
-                                    for t in prep.tasks], cfg.evaluate.batch_size, cfg.train.bf16)
     log = train(model, train_set, val_set, cfg.train, prep.tokenizer.pad_token_id, cfg.seed,
                 log_path=run_dir / "train_log.jsonl", checkpoint_dir=checkpoint, resume=resume,
                 tensorboard_dir=run_dir / "tensorboard" if cfg.train.tensorboard else None, score_fn=scorer,
-                checkpoint_meta=inputs, measured=(measured := {}))
+                checkpoint_meta=inputs, measured=(measured := {}), strategy=strategy)
     _say_kept_step(cfg, log)
     say(f"peak memory per process: {max(measured['peak']) / memory.GB:.2f} GB (planned {planned.peak / memory.GB:.2f} GB)")
-    out = run_dir / "model"
-    model = gathered(model)  # FSDP: every process takes part in the gather, process 0 gets the whole model
-    if distributed()[0] > 0:
-        return out  # process 0 saves
-    save_model(model, prep.tokenizer, out, manifest(prep, {
+    return _save_trained(prep, run_dir, strategy.gather(model), {
         "audit": audit, "final_loss": log[-1]["loss"] if log else None, "train_id": train_id,
         "trainable_parameters": trainable, "total_parameters": total,
-        "memory": {"planned": planned.parts, "planned_peak": planned.peak, "strategy": planned.strategy, **measured}}))
-    for folder in (checkpoint, run_dir / "checkpoint.old"):  # the finished model replaces them
-        shutil.rmtree(folder, ignore_errors=True)
+        "memory": {"planned": planned.parts, "planned_peak": planned.peak, "strategy": planned.strategy, **measured}})
+
+
+def _training_data(prep: Prepared) -> tuple[list, list, dict]:
+    """Every task's encoded training and validation examples, and the training split's masking audit (stated)."""
+    cfg = prep.cfg.train
+    train_set = [e for t in prep.tasks for e in t.encoded("train", cfg.max_length)]
+    val_set = [e for t in prep.tasks for e in t.encoded("validation", cfg.max_length)[: cfg.max_validation]]
+    audit = audit_masking(train_set, set().union(*(t.fmt.end_ids() for t in prep.tasks)), "train split")
+    say(f"masking audit: {audit['supervised_tokens']:,} of {audit['tokens']:,} tokens supervised "
+        f"({100 * audit['supervised_share']:.1f} %), end-of-sequence supervised in every example")
+    return train_set, val_set, audit
+
+
+def _validation_scorer(prep: Prepared):
+    """With `train.eval_metric`: each task's own metric by generation on its first `metric_samples` validation pairs."""
+    cfg = prep.cfg
+    if not cfg.train.eval_metric:
+        return None
+    return validation_scorer([(t.template, t.fmt, t.pairs.get("validation", [])[: cfg.train.metric_samples])
+                              for t in prep.tasks], cfg.evaluate.batch_size, cfg.train.bf16)
+
+
+def _save_trained(prep: Prepared, run_dir: Path, model, facts: dict) -> Path:
+    """Process 0 saves the trained model (under FSDP `strategy.gather` made it whole there; the others hold None)
+    with its manifest, then removes the checkpoints it replaces and finishes the stage."""
+    out = run_dir / "model"
+    if distributed()[0] > 0:
+        return out  # process 0 saves
+    save_model(model, prep.tokenizer, out, manifest(prep, facts))
+    remove_checkpoints(run_dir / "checkpoint")  # the finished model replaces them
     rundir.finish(run_dir, "train")
     return out
 
@@ -195,8 +210,7 @@ def memory_plan(prep: Prepared, train_set: list):
     shape = memory.model_shape(hf_config(prep.model_source, prep.cfg.model), cfg.method, cfg.lora)
     tokens, supervised = memory.pass_size([len(e.input_ids) for e in train_set], [e.n_supervised for e in train_set],
                                           cfg.batch_size, cfg.pass_tokens)
-    return functools.partial(memory.footprint, shape, tokens=tokens, supervised=supervised, method=cfg.method,
-                             bf16=cfg.bf16)
+    return functools.partial(memory.footprint, shape, tokens=tokens, supervised=supervised, **memory.plan_options(cfg))
 
 
 def _say_kept_step(cfg: ExperimentConfig, log: list[dict]) -> None:
@@ -213,28 +227,30 @@ def run_evaluate(prep: Prepared, run_dir: Path) -> dict:
     trained = rundir.require(run_dir, "train", train_inputs(prep))
     rundir.begin(run_dir, "evaluate", evaluate_inputs(prep, trained["id"]))
     model, tokenizer, meta = load_finetuned(run_dir / "model")
+    templates = meta.templates(held_out=True)  # render exactly as in training
     results = {}
     for task in prep.tasks + prep.held_out:
-        saved_dict = meta["tasks"].get(task.name) or meta.get("held_out_tasks", {}).get(task.name)
-        if saved_dict is None:
+        saved = templates.get(task.name)
+        if saved is None:
             raise InstructuneError(f"the model in this run was not trained with task {task.name!r}; run `instructune "
                                    f"train` again after changing the tasks", str(run_dir / "model"))
-        saved = TaskTemplate.from_dict(saved_dict)  # render exactly as in training
-        fmt = PromptFormat(tokenizer, meta["chat_template"], saved.separator, meta.get("encoder_decoder", False))
+        fmt = meta.prompt_format(tokenizer, saved.separator)
         prompts = [fmt.prompt_text(saved.pair(r).messages) for r in task.records["test"]]
         preds, mode = answer(model, fmt, saved, prompts, cfg.evaluate, f"{task.name}: fine-tuned")
         results[task.name] = {"finetuned": score(task.template, task.pairs["test"], preds, prompts, mode)}
+        results[task.name]["finetuned"]["prompts_cut"] = fmt.prompts_cut(prompts, saved.max_new_tokens)
         if not task.held_out and task.records.get("validation"):
-            results[task.name]["perplexity"] = _perplexity(model, fmt, [saved.pair(r) for r in task.records["validation"]], cfg)
+            results[task.name]["perplexity"] = _perplexity(model, fmt, [saved.pair(r) for r in task.records["validation"]], cfg,
+                                                         saved.max_new_tokens)
         say(f"{task.name}: fine-tuned {primary(task.template, results[task.name]['finetuned'])}")
     write_json(run_dir / "finetuned.json", results)
     rundir.finish(run_dir, "evaluate")
     return results
 
 
-def _perplexity(model, fmt: PromptFormat, pairs: list[Pair], cfg: ExperimentConfig) -> float:
+def _perplexity(model, fmt: PromptFormat, pairs: list[Pair], cfg: ExperimentConfig, answer_tokens: int) -> float:
     """On the first `train.max_validation` validation pairs, as rendered for training."""
-    encoded = [fmt.encode(p, cfg.train.max_length) for p in pairs[: cfg.train.max_validation]]
+    encoded = [fmt.encode(p, cfg.train.max_length, answer_tokens) for p in pairs[: cfg.train.max_validation]]
     return perplexity(model, encoded, fmt.tok.pad_token_id, cfg.evaluate.batch_size, cfg.evaluate.bf16)
 
 

@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import InstructuneError
+
 
 def atomic_write(path: Path, text: str) -> None:
     """Write `text` to a temporary sibling, then rename it over `path` (the temporary file never outlives a failure)."""
@@ -56,10 +58,29 @@ def finite(obj, where: str = "") -> tuple[object, dict[str, str]]:
     return obj, notes
 
 
-def read_json(path: Path) -> dict:
-    """The JSON object in `path`, or {} when there is no such file."""
+def read_json(path: Path, key: str | None = None):
+    """The JSON in `path`, or {} when there is no such file; a file that cannot be read as JSON (not UTF-8, not
+    JSON, nested too deep) is an InstructuneError naming the file and line (after `key`, the setting that named it)."""
     path = Path(path)
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    prefix = f"{key}: " if key else ""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise InstructuneError(f"not UTF-8 text (byte {e.start}): the file is damaged", f"{prefix}{path}") from None
+    except json.JSONDecodeError as e:
+        raise InstructuneError(f"not valid JSON ({e.msg}, column {e.colno}): the file is damaged or incomplete",
+                               f"{prefix}{path}:{e.lineno}") from None
+    except RecursionError:
+        raise InstructuneError("JSON nested too deep to read", f"{prefix}{path}") from None
+
+
+def read_jsonl(path: Path) -> list:
+    """The JSON value on each non-blank line of `path` (a JSON-lines file such as the training log), or []."""
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
+        if path.is_file() else []
 
 
 @contextlib.contextmanager
@@ -75,7 +96,7 @@ def replaced_folder(target: Path, keep_old: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
-        old = target.with_name(target.name + ".old")
+        old = old_copy(target)
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)  # a stale copy: `target` is the complete one
             os.replace(target, old)
@@ -87,6 +108,11 @@ def replaced_folder(target: Path, keep_old: bool = False):
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def old_copy(target: Path) -> Path:
+    """Where `replaced_folder` keeps the previous copy of `target` (`<name>.old`)."""
+    return Path(target).with_name(Path(target).name + ".old")
 
 
 def remove_temporaries(target: Path) -> None:

@@ -3,22 +3,24 @@ the model to train, saving a fine-tuned model with its manifest and loading it b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
-import json
+import math
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import LoraConfig, ModelConfig, TrainConfig
 from .errors import InstructuneError
 from .hub import looks_like_hub_id
-from .io import replaced_folder, write_json
-from .runtime import device
+from .io import read_json, replaced_folder
+from .manifest import MANIFEST, Manifest
+from .runtime import device, native_bf16
 
-MANIFEST = "instructune.json"  # written beside a fine-tuned model: its templates, base model, data and config
 # Weight files that torch.load / pickle would read: unpickling a file can run any code in it, so none is ever loaded.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -129,21 +131,6 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:300]
 
 
-def _read_json(path: Path, key: str | None = None):
-    """A JSON file, or an InstructuneError naming the file and line (not JSON, not UTF-8, nested too deep)."""
-    path = Path(path)
-    prefix = f"{key}: " if key else ""
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise InstructuneError(f"not UTF-8 text (byte {e.start}): the file is damaged", f"{prefix}{path}") from None
-    except json.JSONDecodeError as e:
-        raise InstructuneError(f"not valid JSON ({e.msg}, column {e.colno}): the file is damaged or incomplete",
-                               f"{prefix}{path}:{e.lineno}") from None
-    except RecursionError:
-        raise InstructuneError("JSON nested too deep to read", f"{prefix}{path}") from None
-
-
 def check_model_folder(folder, key: str | None = None) -> Path:
     """A local model or adapter folder, checked before anything is loaded from it: its config is JSON and its weights
     are safetensors files with readable headers (a truncated or garbage file is named here, not deep in a load).
@@ -154,7 +141,7 @@ def check_model_folder(folder, key: str | None = None) -> Path:
     adapter = (folder / "adapter_config.json").is_file()
     config = folder / ("adapter_config.json" if adapter else "config.json")
     if config.is_file():
-        settings = _read_json(config, key)
+        settings = read_json(config, key)
         if not isinstance(settings, dict):
             raise InstructuneError("expected a JSON object", where(config))
         base = settings.get("base_model_name_or_path") if adapter else None
@@ -172,7 +159,7 @@ def _weight_files(folder: Path, adapter: bool, where, key: str | None) -> list[P
     if expected.is_file():
         return [expected]
     if not adapter and index.is_file():
-        settings = _read_json(index, key)
+        settings = read_json(index, key)
         weight_map = settings.get("weight_map") if isinstance(settings, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise InstructuneError("no weight_map: the index of the sharded weights is incomplete", where(index))
@@ -217,7 +204,7 @@ def load_tokenizer(source: str, cfg: ModelConfig):
         if Path(source).is_dir():  # name the damaged file: transformers' JSON errors give only a line and column
             for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
                 if (Path(source) / name).is_file():
-                    _read_json(Path(source) / name)
+                    read_json(Path(source) / name)
         raise InstructuneError(f"could not load the tokenizer: {_first_line(e)}", f"model.name: {source}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -248,7 +235,7 @@ def is_encoder_decoder(source: str, cfg: ModelConfig) -> bool:
     """True for sequence-to-sequence models (T5 family), which train and generate through their own paths."""
     adapter = Path(source, "adapter_config.json")
     if adapter.is_file():
-        settings = _read_json(adapter)
+        settings = read_json(adapter)
         return isinstance(settings, dict) and settings.get("task_type") == "SEQ_2_SEQ_LM"
     config = _auto_config(source, cfg.trust_remote_code, cfg.revision)
     return bool(getattr(config, "is_encoder_decoder", False))
@@ -263,8 +250,9 @@ def context_length(source: str, cfg: ModelConfig) -> int:
     return min(getattr(config, "max_position_embeddings", 2048) or 2048, 8192)
 
 
-def load_model(source: str, cfg: ModelConfig, dtype=None):
-    """A causal or seq2seq LM (or, for an adapter folder, its base with the adapter applied), safetensors only."""
+def load_model(source: str, cfg: ModelConfig, dtype=None, quantization=None):
+    """A causal or seq2seq LM (or, for an adapter folder, its base with the adapter applied), safetensors only;
+    with `quantization` (a `BitsAndBytesConfig`, see `quantization_config`) the base's linear layers load in 4 bits."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -274,28 +262,108 @@ def load_model(source: str, cfg: ModelConfig, dtype=None):
     if Path(source).is_dir():
         check_model_folder(source)  # pickle weights refused, damaged files named, before anything is read
     seq2seq = is_encoder_decoder(source, cfg)
+    # a 4-bit base is quantized as it loads, straight onto the device that computes with it
+    quantized = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": device()}}
     try:
         if Path(source, "adapter_config.json").is_file():
             from peft import AutoPeftModelForCausalLM, AutoPeftModelForSeq2SeqLM
 
             cls = AutoPeftModelForSeq2SeqLM if seq2seq else AutoPeftModelForCausalLM
-            model = cls.from_pretrained(source, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
+            with quiet_peft():
+                model = cls.from_pretrained(source, dtype=dtype, use_safetensors=True,
+                                            trust_remote_code=cfg.trust_remote_code, **quantized)
         else:
             cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
             model = cls.from_pretrained(source, dtype=dtype, use_safetensors=True,
-                                        trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+                                        trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, **quantized)
     except (OSError, ValueError, SafetensorError) as e:
         raise InstructuneError(f"could not load the model: {_first_line(e)}", f"model.name: {source}") from None
     return model
 
 
+@contextlib.contextmanager
+def quiet_peft():
+    """peft asks every model it wraps `is_gradient_checkpointing`, which transformers 5 answers with a FutureWarning
+    (renamed `is_activation_checkpointing`) printed in every run; that question is peft's, not ours."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def require_bitsandbytes() -> None:
+    """QLoRA needs bitsandbytes (an optional extra): refuse, with the command that installs it, before any load."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise InstructuneError("method qlora loads the base model in 4 bits with bitsandbytes, which is not "
+                               "installed: pip install 'instructune[qlora]' (or pip install 'bitsandbytes>=0.50')",
+                               "train.method") from None
+
+
+def quantization_config(quant_type: str = "nf4", double_quant: bool = True):
+    """QLoRA's 4-bit base (bitsandbytes): every linear layer but the output head, in blocks of 64 weights, each
+    4-bit block dequantized to the compute dtype for its matmul: bf16 where the device computes it natively (a GPU,
+    a CPU with AVX512-BF16/AMX), else fp32 (emulated bf16 is several times slower)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    require_bitsandbytes()
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if native_bf16(device()) else torch.float32,
+                              bnb_4bit_quant_storage=torch.uint8)
+
+
 def wrap_lora(model, lora: LoraConfig):
+    """The model with LoRA adapters (peft) as `train.lora` says: the variant (LoRA, DoRA, rsLoRA), the
+    initialisation, the target modules and any modules trained whole."""
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
     config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                            target_modules=lora.target_modules,
+                            target_modules=lora.target_modules, use_dora=lora.variant == "dora",
+                            use_rslora=lora.variant == "rslora", modules_to_save=lora.modules_to_save,
+                            init_lora_weights=True if lora.init == "default" else lora.init,
                             task_type="SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM")
-    return get_peft_model(model, config)
+    with quiet_peft():
+        model = get_peft_model(model, config)
+    if lora.init != "default":
+        _save_as_plain_lora(model)
+    return model
+
+
+def _save_as_plain_lora(model) -> None:
+    """PiSSA and OLoRA start from factors of each weight and leave the base holding the rest, so the adapter as
+    trained needs that modified base. Saving converts it (peft's `path_initial_model_for_weight_conversion`) into a
+    plain LoRA of rank 2r on the original base: BA - B0A0, from the initial factors kept here (A and B only)."""
+    import tempfile
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    initial = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    save = model.save_pretrained
+
+    def save_plain_lora(folder, **kwargs):
+        with tempfile.TemporaryDirectory() as tmp:
+            start = Path(tmp, "initial_adapter")  # its folder name is the adapter name peft loads it under
+            start.mkdir()
+            save_file(initial, str(start / "adapter_model.safetensors"))
+            with quiet_peft(), warnings.catch_warnings():  # peft's advice to convert: this is the conversion
+                warnings.filterwarnings("ignore", message="(PiSSA|OLoRA) changes the base weights", category=UserWarning)
+                save(folder, path_initial_model_for_weight_conversion=str(start), **kwargs)
+
+    model.save_pretrained = save_plain_lora
+
+
+def checkpoint_layers(model) -> None:
+    """Activation checkpointing, per decoder layer and non-reentrant (transformers' own): backward keeps each
+    layer's input and recomputes the layer's activations when it reaches it. Non-reentrant checkpointing needs no
+    input that requires a gradient, so the hook transformers adds to make the embeddings' output require one is
+    removed: the autograd graph is the one without checkpointing (the same gradients, no extra one)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+    if hasattr(base, "_require_grads_hook"):
+        base.disable_input_require_grads()
 
 
 def use_chat_template(tokenizer, setting: str) -> bool:
@@ -306,90 +374,89 @@ def use_chat_template(tokenizer, setting: str) -> bool:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(trainable, total) weights; a 4-bit weight counts as the weights it holds (two per stored byte)."""
+    params = {id(p): p for p in model.parameters()}.values()  # tied weights once
+    total = sum(_weights(p) for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
     return trainable, total
 
 
-def training_model(source: str, model_cfg: ModelConfig, train_cfg: TrainConfig):
-    """The model to fine-tune, on the training device: LoRA-wrapped, or whole for full fine-tuning.
+def _weights(p) -> int:
+    state = getattr(p, "quant_state", None)  # bitsandbytes' Params4bit: packed data, the original shape here
+    return math.prod(state.shape) if state is not None else p.numel()
 
-    LoRA under `train.bf16` keeps the frozen weights in bf16: half the memory, and autocast need not cast every
-    weight at every pass (on a CPU that cast costs more than the bf16 matmuls save). The adapter, its gradients and
-    its optimizer state stay fp32. Full fine-tuning keeps fp32 weights under bf16 autocast."""
+
+def training_model(source: str, model_cfg: ModelConfig, train_cfg: TrainConfig):
+    """The model to fine-tune, on the training device: LoRA-wrapped (on a 4-bit base for QLoRA), or whole for full
+    fine-tuning; with `train.gradient_checkpointing`, checkpointed per decoder layer.
+
+    LoRA and QLoRA under `train.bf16` keep the frozen (QLoRA: not quantized) weights in bf16: half the memory, and
+    autocast need not cast every weight at every pass (on a CPU that cast costs more than the bf16 matmuls save).
+    The adapter, its gradients and its optimizer state stay fp32. Full fine-tuning keeps fp32 weights under bf16
+    autocast. QLoRA's 4-bit layers compute in `quantization_config`'s dtype. (peft's
+    `prepare_model_for_kbit_training` is not used: it would cast the embeddings to fp32, which on Gemma 3 are most of
+    the model, and enable reentrant checkpointing.)"""
     import torch
 
-    frozen_bf16 = train_cfg.bf16 and train_cfg.method == "lora"
-    model = load_model(source, model_cfg, torch.bfloat16 if frozen_bf16 else None)
-    if train_cfg.method == "lora":
+    method = train_cfg.method
+    quantization = quantization_config(train_cfg.quant_type, train_cfg.double_quant) if method == "qlora" else None
+    frozen_bf16 = train_cfg.bf16 and method in ("lora", "qlora")
+    model = load_model(source, model_cfg, torch.bfloat16 if frozen_bf16 else None, quantization)
+    if method in ("lora", "qlora"):
         model = wrap_lora(model, train_cfg.lora)
-        if frozen_bf16:
+        if frozen_bf16 or quantization is not None:
             for p in model.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
+    if train_cfg.gradient_checkpointing:
+        checkpoint_layers(model)
     return model.to(device())
 
 
-def load_for_inference(source: str, cfg: ModelConfig):
-    """A model ready to answer, on the device, in eval mode; an adapter is merged into its base first."""
-    model = load_model(source, cfg)
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()  # one matmul per layer instead of base + low-rank path
+def load_for_inference(source: str, cfg: ModelConfig, quantization=None):
+    """A model ready to answer, on the device, in eval mode. An adapter is merged into its base first (one matmul
+    per layer instead of base + low-rank path), except on a 4-bit base (`quantization`, a QLoRA run evaluated as it
+    was trained): merging there would round the update into the 4-bit weights. A QLoRA model folder (its manifest
+    says so) loads that way by itself."""
+    if quantization is None:
+        quantization = trained_quantization(source)
+    model = load_model(source, cfg, quantization=quantization)
+    if hasattr(model, "merge_and_unload") and quantization is None:
+        model = model.merge_and_unload()
     return model.to(device()).eval()
 
 
-def save_model(model, tokenizer, out: Path, manifest: dict) -> None:
+def trained_quantization(source: str):
+    """The 4-bit loading a QLoRA adapter folder was trained with (from its manifest), else None."""
+    if not Path(source, "adapter_config.json").is_file():
+        return None
+    saved = read_json(Path(source, MANIFEST))  # only these keys: `Manifest.read` checks the rest where it is used
+    if not isinstance(saved, dict) or saved.get("method") != "qlora":
+        return None
+    train = (saved.get("config") or {}).get("train") or {}
+    return quantization_config(train.get("quant_type", "nf4"), train.get("double_quant", True))
+
+
+def save_model(model, tokenizer, out: Path, manifest: Manifest) -> None:
     """The adapter (LoRA) or the full model, the tokenizer, and the manifest, written atomically into `out`."""
     with replaced_folder(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        write_json(tmp / MANIFEST, manifest)
+        manifest.write(tmp)
 
 
 def load_finetuned(model_dir: Path):
-    """The fine-tuned model (ready to answer), its tokenizer and its manifest (the templates it was trained with)."""
+    """The fine-tuned model (ready to answer), its tokenizer and its `Manifest` (the templates it was trained with)."""
     model_dir = Path(model_dir)
     if (model_dir / "model" / MANIFEST).is_file():
         model_dir = model_dir / "model"  # a run folder
     if not (model_dir / MANIFEST).is_file():
         raise InstructuneError(f"no {MANIFEST} here: expected a run folder or its model/ folder written by `instructune train`", str(model_dir))
-    meta = read_manifest(model_dir)
-    mcfg = ModelConfig(**meta["config"]["model"])
+    manifest = Manifest.read(model_dir)
+    mcfg = manifest.model_cfg()
     check_model_folder(model_dir)  # before the tokenizer: a pickle-only or damaged folder is refused first
     tokenizer = load_tokenizer(str(model_dir), mcfg)
-    return load_for_inference(str(model_dir), mcfg), tokenizer, meta
-
-
-def read_manifest(model_dir) -> dict:
-    """The manifest of a fine-tuned model folder, checked: a JSON object with `config.model` (a valid model config),
-    `tasks` (the saved templates) and `chat_template`; what is wrong is named with the file and key."""
-    path = Path(model_dir) / MANIFEST
-    meta = _read_json(path)
-    if not isinstance(meta, dict):
-        raise InstructuneError(f"expected a JSON object, not {type(meta).__name__}: rerun `instructune train`", str(path))
-    for key, kind in (("config", dict), ("tasks", dict), ("chat_template", bool)):
-        if key not in meta:
-            raise InstructuneError(f"the key {key!r} is missing: the file is incomplete or was not written by "
-                                   "`instructune train`; rerun it", f"{path}: {key}")
-        if not isinstance(meta[key], kind):
-            raise InstructuneError(f"{key!r} should be a {'JSON object' if kind is dict else 'true or false'}, "
-                                   f"not {type(meta[key]).__name__}", f"{path}: {key}")
-    if not meta["tasks"]:
-        raise InstructuneError("no tasks: the model has no saved templates to render prompts with", f"{path}: tasks")
-    bad = [name for name, t in meta["tasks"].items() if not isinstance(t, dict)]
-    if bad:
-        raise InstructuneError("a task's template should be a JSON object", f"{path}: tasks.{bad[0]}")
-    model = meta["config"].get("model")
-    if not isinstance(model, dict):
-        raise InstructuneError("the key 'model' is missing or not a JSON object", f"{path}: config.model")
-    try:
-        ModelConfig(**model)
-    except (ValueError, TypeError) as e:  # pydantic's ValidationError is a ValueError
-        errors = e.errors() if hasattr(e, "errors") else []
-        loc = ".".join(map(str, errors[0]["loc"])) if errors and errors[0].get("loc") else ""
-        msg = errors[0]["msg"] if errors else _first_line(e)
-        raise InstructuneError(msg, f"{path}: config.model" + (f".{loc}" if loc else "")) from None
-    return meta
+    return load_for_inference(str(model_dir), mcfg), tokenizer, manifest
 
 
 def versions() -> dict:
@@ -397,7 +464,7 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("instructune", "torch", "transformers", "peft", "accelerate", "rouge-score", "sacrebleu"):
+    for pkg in ("instructune", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "rouge-score", "sacrebleu"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

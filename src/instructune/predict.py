@@ -1,4 +1,5 @@
-"""Using a fine-tuned model on new data: the template it was trained with, batch predictions for a file of records."""
+"""Using a fine-tuned model on new data: a record from one input, batch predictions for a file of records (each
+rendered with the template the model was trained with, from its manifest)."""
 
 from __future__ import annotations
 
@@ -9,30 +10,14 @@ from pathlib import Path
 
 import torch
 
+from . import tasktypes
 from .data.load import Record, load_records
 from .errors import InstructuneError
 from .evaluate.generate import generate
 from .evaluate.likelihood import choice_logprobs
 from .io import atomic_write
 from .models import load_finetuned
-from .prompts import PromptFormat, TaskTemplate
-from .prompts.library import FIELDS
-
-
-def task_template(meta: dict, task: str | None) -> TaskTemplate:
-    """The saved template of `task` (or of the model's only task), as the model was trained with it."""
-    tasks = meta["tasks"]
-    if task is None:
-        if len(tasks) > 1:
-            raise InstructuneError(f"this model learned several tasks; choose one with --task: {sorted(tasks)}", "--task")
-        task = next(iter(tasks))
-    if task not in tasks:
-        raise InstructuneError(f"unknown task {task!r}; this model learned {sorted(tasks)}", "--task")
-    return TaskTemplate.from_dict(tasks[task])
-
-
-def prompt_format(tokenizer, meta: dict, template: TaskTemplate) -> PromptFormat:
-    return PromptFormat(tokenizer, meta["chat_template"], template.separator, meta.get("encoder_decoder", False))
+from .prompts import TaskTemplate
 
 
 def record_from_text(text: str, template: TaskTemplate, where: str = "TEXT") -> Record:
@@ -48,7 +33,7 @@ def record_from_text(text: str, template: TaskTemplate, where: str = "TEXT") -> 
         return Record(data, where)
     if template.template is None:
         return Record({"prompt": text, "completion": ""}, where)
-    needed = FIELDS[template.type][:-1]
+    needed = tasktypes.get(template.type).inputs
     if len(needed) > 1:
         raise InstructuneError(f"a {template.type} task needs a JSON record with {list(needed)}", where)
     return Record({template.fields.get(needed[0], needed[0]): text}, where)
@@ -68,13 +53,14 @@ def predict_file(model_dir: Path, input_path: Path, output: Path | None = None, 
     if output.resolve() == input_path.resolve():
         raise InstructuneError("would overwrite the input file", f"--output {output}")
     records = load_records(str(input_path))  # bad records fail here or in the template, with file:line
-    model, tokenizer, meta = load_finetuned(model_dir)
-    template = task_template(meta, task)
-    fmt = prompt_format(tokenizer, meta, template)
+    model, tokenizer, manifest = load_finetuned(model_dir)
+    template = manifest.task_template(task)
+    fmt = manifest.prompt_format(tokenizer, template.separator)
     prompts = [fmt.prompt_text(template.prompt_only(r)) for r in records]
     rows = [dict(r.data) for r in records]
-    if template.type == "classification" and template.choices and not fmt.seq2seq:
-        scores = choice_logprobs(model, fmt, prompts, template.choices, batch_size=batch_size, desc="predicting")
+    if tasktypes.get(template.type).choices and template.choices and not fmt.seq2seq:
+        scores = choice_logprobs(model, fmt, prompts, template.choices, batch_size=batch_size, desc="predicting",
+                                 answer_tokens=template.max_new_tokens)
         probs = torch.softmax(scores, dim=-1)
         for row, p in zip(rows, probs):
             best = int(p.argmax())

@@ -7,14 +7,15 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from . import tasktypes
 from .config import ExperimentConfig, TaskConfig
 from .data import Record, detect_shape, read_sources, split_sources
 from .data.leakage import find_leakage
 from .errors import InstructuneError
-from .models import (PRESETS, context_length, is_encoder_decoder, load_tokenizer, resolve_model, use_chat_template,
-                     versions)
+from .manifest import VERSION, Manifest
+from .models import (PRESETS, context_length, is_encoder_decoder, load_tokenizer, require_bitsandbytes, resolve_model,
+                     use_chat_template, versions)
 from .prompts import Encoded, Pair, PromptFormat, TaskTemplate, build_task_template
-from .prompts.library import FIELDS
 from .runtime import device, native_bf16, warn
 
 
@@ -38,7 +39,8 @@ class Task:
         """The split's pairs as training tokens (encoded once, however many stages ask)."""
         key = (split, max_length)
         if key not in self._encoded:
-            self._encoded[key] = [self.fmt.encode(p, max_length) for p in self.pairs.get(split, [])]
+            self._encoded[key] = [self.fmt.encode(p, max_length, self.template.max_new_tokens)
+                                  for p in self.pairs.get(split, [])]
         return self._encoded[key]
 
 
@@ -56,6 +58,8 @@ class Prepared:
 
 def prepare(cfg: ExperimentConfig) -> Prepared:
     """Load and check everything that could be bad input (model, data, templates, k-shot supply); writes nothing."""
+    if cfg.train.method == "qlora":
+        require_bitsandbytes()  # before anything is loaded or run, not at the training stage
     source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model)
     chat = use_chat_template(tokenizer, cfg.model.chat_template)
@@ -90,15 +94,16 @@ def build_task(tc: TaskConfig, cfg: ExperimentConfig, fmt: PromptFormat, where: 
     sources = read_sources(tc.data)
     template = build_task_template(tc, detect_shape(next(iter(sources.values()))[0].data), cfg.evaluate.max_new_tokens,
                                    cfg.limits)
-    label_of = label_getter(template) if tc.type == "classification" else None
+    choices = tasktypes.get(tc.type).choices  # a closed label set: stratified splits, choices checked
+    label_of = label_getter(template) if choices else None
     records = split_sources(sources, tc.data, cfg.seed, label_of, where)
-    if tc.type == "classification" and template.choices is None:
+    if choices and template.choices is None:
         template.choices = sorted({label_of(r) for r in records["train"]} - {""})
     pairs = {split: [template.pair(r) for r in rs] for split, rs in records.items()}
     if cfg.baseline.enabled and not held_out and len(pairs["train"]) < cfg.baseline.k:
         raise InstructuneError(f"the training split has {len(pairs['train'])} example(s), too few to supply "
                                f"the {cfg.baseline.k}-shot examples (baseline.k)", where)
-    if tc.type == "classification" and not template.strict_choices:  # choices taken from the training labels
+    if choices and not template.strict_choices:  # choices taken from the training labels
         for split in ("validation", "test"):
             for p in pairs.get(split, []):
                 template.check_label(p.completion, p.where)
@@ -117,7 +122,7 @@ def input_text(template: TaskTemplate, pair: Pair) -> str:
     """The input a test item gives the model, without template boilerplate (for the leakage check)."""
     if template.template is None:
         return " ".join(m["content"] for m in pair.messages if m["role"] == "user")
-    inputs = [template.fields.get(f, f) for f in FIELDS[template.type][:-1]]
+    inputs = [template.fields.get(f, f) for f in tasktypes.get(template.type).inputs]
     values = [pair.record[f] for f in inputs if f in pair.record]
     if not values:  # a user template over other field names: every field but the answer
         answer = template.answer_field()
@@ -162,11 +167,12 @@ def data_stats(prep: Prepared) -> dict:
     return out
 
 
-def manifest(prep: Prepared, extra: dict) -> dict:
+def manifest(prep: Prepared, extra: dict) -> Manifest:
     """What is saved beside a fine-tuned model: how to render its prompts, what it came from, and how it trained."""
     cfg = prep.cfg
     preset = PRESETS.get(cfg.model.name)
-    return {
+    return Manifest.model_validate({
+        "version": VERSION,
         "base_model": prep.model_source,
         "base_model_hub_id": preset.hub_id if preset else cfg.model.name,
         "method": cfg.train.method,
@@ -178,4 +184,4 @@ def manifest(prep: Prepared, extra: dict) -> dict:
         "config": cfg.model_dump(mode="json"),
         "versions": versions(),
         **extra,
-    }
+    })

@@ -170,9 +170,9 @@ def test_a_nan_inducing_learning_rate_stops_with_exit_3_and_writes_no_result(tmp
 
 
 def _kill_at_checkpoint(tmp_path, config, step: int) -> None:
-    proc = held_child(tmp_path, "import instructune.train.loop as loop\n_real = loop.save_checkpoint\n"
+    proc = held_child(tmp_path, "import instructune.train.checkpoint as ckpt\n_real = ckpt.save_checkpoint\n"
                                 "def patched(*a, **k):\n    _real(*a, **k)\n"
-                                f"    if a[4]['step'] == {step}: hold()\nloop.save_checkpoint = patched",
+                                f"    if a[4]['step'] == {step}: hold()\nckpt.save_checkpoint = patched",
                       "train", config)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -19,7 +19,8 @@ from conftest import tiny_config, write_config
 from instructune.cli import app
 from instructune.config import ModelConfig
 from instructune.errors import InstructuneError
-from instructune.models import check_model_folder, load_finetuned, load_model, read_manifest
+from instructune.manifest import Manifest
+from instructune.models import check_model_folder, load_finetuned, load_model
 
 TASK = "tiny_classification"
 
@@ -297,14 +298,14 @@ def test_manifest_not_json_named(adapter, text, where):
 def test_manifest_not_utf8_named(adapter):
     (adapter / "instructune.json").write_bytes(b'{"tasks": "\xff\xfe"}')
     with pytest.raises(InstructuneError, match=r"not UTF-8 text \(byte 11\)") as e:
-        read_manifest(adapter)
+        Manifest.read(adapter)
     assert e.value.where == str(adapter / "instructune.json")
 
 
 def test_intact_model_still_loads(trained):
     """The checks refuse only what is wrong: the trained folder loads and answers."""
     model, tokenizer, meta = load_finetuned(trained)
-    assert TASK in meta["tasks"] and tokenizer.pad_token_id is not None
+    assert TASK in meta.task_names() and tokenizer.pad_token_id is not None
     assert check_model_folder(trained) == trained
     code, out = generate(trained)
     assert code == 0, out

@@ -5,45 +5,72 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import tasktypes
+
 EXAMPLES = 3
-# A task type's answer field and the field its answers should be found in (see prompts/library.py FIELDS).
-_SOURCE = {"ner": ("entities", "text"), "qa": ("answer", "context")}
-# The input variables of each task type's library templates (prompts/library.py FIELDS without the answer; data/ may
-# not import prompts/).
-_INPUTS = {"classification": ("text",), "summarization": ("text",), "translation": ("text",),
-           "qa": ("context", "question"), "ner": ("text",)}
 
 
 def lint_pairs(task_type: str, fields: dict[str, str], pairs: list) -> list[dict[str, Any]]:
     """Warnings about one split's pairs (`Pair`: messages, completion, where, record). `fields` maps template
-    variables to record fields, as in the task config. Kinds: ner_entity_not_in_text, qa_answer_not_in_context,
-    answer_in_prompt, empty_input, duplicate_keys (the last one from Records, see `lint_records`)."""
+    variables to record fields, as in the task config. Kinds: the task type's own checks (`TaskType.lint`, from
+    CHECKS: ner_entity_not_in_text, qa_answer_not_in_context, answer_in_prompt, empty_input), and duplicate_keys
+    (from Records, see `lint_records`)."""
+    ttype = tasktypes.get(task_type)
+    checks = [CHECKS[name] for name in ttype.lint]
     found: dict[str, list[tuple[str, str]]] = {}
 
     def note(kind: str, where: str, text: str) -> None:
         found.setdefault(kind, []).append((where, text[:80]))
 
     for pair in pairs:
-        record = pair.record or {}
-        if task_type in _SOURCE:
-            answer_name, source_name = (fields.get(v, v) for v in _SOURCE[task_type])
-            source, answer = record.get(source_name), record.get(answer_name)
-            if isinstance(source, str):
-                if task_type == "ner" and isinstance(answer, list):
-                    for e in answer:
-                        if isinstance(e, dict) and isinstance(e.get("text"), str) and e["text"] not in source:
-                            note("ner_entity_not_in_text", pair.where, e["text"])
-                elif task_type == "qa" and isinstance(answer, (str, int)) and not _contains(source, str(answer)):
-                    note("qa_answer_not_in_context", pair.where, str(answer))
-        prompt = " ".join(m["content"] for m in pair.messages if m["role"] == "user")
-        # a classification prompt lists the choices and an extractive answer is in its context by design
-        if task_type not in ("classification", "qa") and pair.completion.strip() and pair.completion.strip() in prompt:
-            note("answer_in_prompt", pair.where, pair.completion.strip())
-        for var, name in _input_fields(task_type, fields):
-            value = record.get(name)
-            if isinstance(value, str) and not value.strip():
-                note("empty_input", pair.where, f"field {name!r} is empty")
+        for check in checks:
+            check(ttype, fields, pair, note)
     return [_warning(kind, items) for kind, items in found.items()]
+
+
+def _answer_and_source(ttype: tasktypes.TaskType, fields: dict[str, str], pair) -> tuple[Any, Any]:
+    """The record's answer and its main input (the text the answer should be found in)."""
+    record = pair.record or {}
+    answer, source = (fields.get(v, v) for v in (ttype.answer, ttype.inputs[0]))
+    return record.get(answer), record.get(source)
+
+
+def entities_not_in_text(ttype, fields, pair, note) -> None:
+    answer, source = _answer_and_source(ttype, fields, pair)
+    if isinstance(source, str) and isinstance(answer, list):
+        for e in answer:
+            if isinstance(e, dict) and isinstance(e.get("text"), str) and e["text"] not in source:
+                note("ner_entity_not_in_text", pair.where, e["text"])
+
+
+def answer_not_in_context(ttype, fields, pair, note) -> None:
+    answer, source = _answer_and_source(ttype, fields, pair)
+    if isinstance(source, str) and isinstance(answer, (str, int)) and not _contains(source, str(answer)):
+        note("qa_answer_not_in_context", pair.where, str(answer))
+
+
+def answer_in_prompt(ttype, fields, pair, note) -> None:
+    prompt = " ".join(m["content"] for m in pair.messages if m["role"] == "user")
+    if pair.completion.strip() and pair.completion.strip() in prompt:
+        note("answer_in_prompt", pair.where, pair.completion.strip())
+
+
+def empty_input(ttype, fields, pair, note) -> None:
+    record = pair.record or {}
+    for var in ttype.inputs:
+        name = fields.get(var, var)
+        value = record.get(name)
+        if isinstance(value, str) and not value.strip():
+            note("empty_input", pair.where, f"field {name!r} is empty")
+
+
+# The checks a task type may name in `TaskType.lint`, each noting warnings of the kind it is named after.
+CHECKS = {
+    "ner_entity_not_in_text": entities_not_in_text,
+    "qa_answer_not_in_context": answer_not_in_context,
+    "answer_in_prompt": answer_in_prompt,
+    "empty_input": empty_input,
+}
 
 
 def lint_records(records: list) -> list[dict[str, Any]]:
@@ -68,10 +95,6 @@ def _warning(kind: str, items: list[tuple[str, str]]) -> dict[str, Any]:
 
 def _contains(source: str, answer: str) -> bool:
     return " ".join(answer.split()).casefold() in " ".join(source.split()).casefold()
-
-
-def _input_fields(task_type: str, fields: dict[str, str]) -> list[tuple[str, str]]:
-    return [(v, fields.get(v, v)) for v in _INPUTS.get(task_type, ())]
 
 
 def format_warnings(task: str, warnings: list[dict[str, Any]]) -> list[str]:

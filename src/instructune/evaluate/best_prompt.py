@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from .. import tasktypes
 from ..config import EvalConfig
 from ..data import Record
 from ..errors import InstructuneError
 from ..prompts import LIBRARY, PromptFormat, TaskTemplate
 from ..prompts.shots import kshot_prompts
-from .metrics import PRIMARY_METRIC
 from .score import answer, score
 
 
@@ -41,7 +41,7 @@ def best_prompt(model, fmt: PromptFormat, options: list[tuple[str, TaskTemplate]
         for k in shots:
             prompts = kshot_prompts(variant, validation, train, k, seed, task, room - template.max_new_tokens)
             preds, mode = answer(model, variant, template, prompts, cfg, f"{task}: {name} {k}-shot (validation)")
-            value = score(template, validation, preds, prompts, mode)["metrics"][PRIMARY_METRIC[template.type]]
+            value = score(template, validation, preds, prompts, mode)["metrics"][tasktypes.get(template.type).primary_metric]
             tried.append({"template": name, "shots": k, "validation": value})
             if best is None or value > best[0]:
                 best = (value, name, k, template, variant, train)

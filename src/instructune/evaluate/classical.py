@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from ..prompts.library import FIELDS
+from .. import tasktypes
 from ..prompts.template import format_entities
-from .metrics import TASK_TYPES, normalize_answer, summarization_metrics
+from .metrics import normalize_answer, summarization_metrics
 
 C_GRID = (0.1, 1.0, 10.0, 100.0)
 LEAD_WORDS = (5, 8, 10, 15, 20, 30, 50)
@@ -21,24 +21,28 @@ def classical_baseline(task_type: str, train: list[dict], validation: list[dict]
     """Predictions for `test` (strings in the same form as the task's completions, so compute_metrics scores them)
     and a description {"method": "...", "params": {...}} for the report.
 
-    Each example holds the task type's FIELDS; the last one is the reference. Only `train` and `validation` fit or
-    tune anything; `test` is read for its inputs alone. `choices` is accepted for symmetry with compute_metrics: the
+    Each example holds the task type's input fields and its answer field, the reference. The method is the one
+    the task type names (`TaskType.classical`, a key of METHODS). Only `train` and `validation` fit or tune
+    anything; `test` is read for its inputs alone. `choices` is accepted for symmetry with compute_metrics: the
     classifier predicts training labels, which are among the choices whenever the data passed the label check."""
-    if task_type not in TASK_TYPES:
-        raise ValueError(f"unknown task type {task_type!r}; valid: {', '.join(TASK_TYPES)}")
+    ttype = tasktypes.get(task_type)  # an unknown type: a ValueError listing the known ones
+    if ttype.classical is None:
+        raise ValueError(f"task type {task_type!r} has no classical baseline")
+    if ttype.classical not in METHODS:
+        raise ValueError(f"task type {task_type!r} names the classical baseline {ttype.classical!r}, which is not "
+                         f"in METHODS ({', '.join(METHODS)})")
     if not train:
         raise ValueError("the classical baseline needs training examples")
-    methods = {"classification": classify, "summarization": lead, "translation": copy_source,
-               "qa": overlap_sentence, "ner": entity_dictionary}
-    return methods[task_type](train, validation, test, seed)
+    return METHODS[ttype.classical](ttype, train, validation, test, seed)
 
 
-def _inputs(task_type: str, examples: list[dict]) -> list[str]:
-    return [str(e[FIELDS[task_type][0]]) for e in examples]
+def _inputs(ttype: tasktypes.TaskType, examples: list[dict]) -> list[str]:
+    """Each example's main input (the task type's first input field) as text."""
+    return [str(e[ttype.inputs[0]]) for e in examples]
 
 
-def _answers(task_type: str, examples: list[dict]) -> list:
-    return [e[FIELDS[task_type][-1]] for e in examples]
+def _answers(ttype: tasktypes.TaskType, examples: list[dict]) -> list:
+    return [e[ttype.answer] for e in examples]
 
 
 def split_sentences(text: str) -> list[str]:
@@ -62,15 +66,15 @@ def _tfidf_logreg(c: float, seed: int):
     return make_pipeline(features, LogisticRegression(C=c, solver="lbfgs", max_iter=2000, random_state=seed))
 
 
-def classify(train, validation, test, seed) -> tuple[list[str], dict]:
+def classify(ttype, train, validation, test, seed) -> tuple[list[str], dict]:
     """TF-IDF word 1-2-grams + char_wb 2-5-grams, logistic regression fitted on train; C from C_GRID by validation
     accuracy (ties: the smaller C, the stronger regularisation), C=1 without a validation split."""
-    x, y = _inputs("classification", train), [str(a) for a in _answers("classification", train)]
+    x, y = _inputs(ttype, train), [str(a) for a in _answers(ttype, train)]
     params = {"features": "tfidf word 1-2 + char_wb 2-5", "classifier": "logistic regression (lbfgs)"}
     if len(set(y)) == 1:  # one class: logistic regression cannot be fitted, and there is nothing to choose
         return [y[0]] * len(test), {"method": "majority label", "params": {**params, "label": y[0]}}
     grid = C_GRID if validation else (1.0,)
-    vx, vy = _inputs("classification", validation), [str(a) for a in _answers("classification", validation)]
+    vx, vy = _inputs(ttype, validation), [str(a) for a in _answers(ttype, validation)]
     best, tried = None, {}
     for c in grid:
         model = _tfidf_logreg(c, seed).fit(x, y)
@@ -80,7 +84,7 @@ def classify(train, validation, test, seed) -> tuple[list[str], dict]:
         if best is None or (validation and acc > best[0]):
             best = (acc if validation else None, c, model)
     _, c, model = best
-    preds = [str(p) for p in model.predict(_inputs("classification", test))] if test else []
+    preds = [str(p) for p in model.predict(_inputs(ttype, test))] if test else []
     return preds, {"method": "tfidf-logreg", "params": {**params, "C": c, "seed": seed,
                                                          "chosen_on": "validation" if validation else "default",
                                                          "validation_accuracy": tried}}
@@ -92,17 +96,17 @@ def _lead(text: str, candidate) -> str:
     return split_sentences(text)[0] if candidate == FIRST_SENTENCE else " ".join(text.split()[:candidate])
 
 
-def lead(train, validation, test, seed) -> tuple[list[str], dict]:
+def lead(ttype, train, validation, test, seed) -> tuple[list[str], dict]:
     """The lead of the text: its first sentence or its first N words (N in LEAD_WORDS), whichever has the best mean
     ROUGE-L on validation (ties: the earlier candidate, the first sentence first; no validation: first sentence)."""
     candidates = [FIRST_SENTENCE, *LEAD_WORDS]
     tried = {}
     if validation:
-        texts, refs = _inputs("summarization", validation), [str(a) for a in _answers("summarization", validation)]
+        texts, refs = _inputs(ttype, validation), [str(a) for a in _answers(ttype, validation)]
         for cand in candidates:
             tried[str(cand)] = summarization_metrics([_lead(t, cand) for t in texts], refs)["rougeL"]
     chosen = max(candidates, key=lambda c: tried[str(c)]) if validation else FIRST_SENTENCE
-    preds = [_lead(t, chosen) for t in _inputs("summarization", test)]
+    preds = [_lead(t, chosen) for t in _inputs(ttype, test)]
     return preds, {"method": "lead", "params": {"lead": chosen if chosen == FIRST_SENTENCE else f"{chosen} words",
                                                 "chosen_on": "validation" if validation else "default",
                                                 "validation_rougeL": tried}}
@@ -110,9 +114,9 @@ def lead(train, validation, test, seed) -> tuple[list[str], dict]:
 
 # --- translation ----------------------------------------------------------------------------------------------
 
-def copy_source(train, validation, test, seed) -> tuple[list[str], dict]:
+def copy_source(ttype, train, validation, test, seed) -> tuple[list[str], dict]:
     """The source text unchanged: what chrF gives for names, numbers and cognates with no translation at all."""
-    return _inputs("translation", test), {"method": "copy source", "params": {}}
+    return _inputs(ttype, test), {"method": "copy source", "params": {}}
 
 
 # --- question answering ---------------------------------------------------------------------------------------
@@ -126,9 +130,11 @@ def best_sentence(context: str, question: str) -> str:
     return sentences[overlaps.index(max(overlaps))]
 
 
-def overlap_sentence(train, validation, test, seed) -> tuple[list[str], dict]:
-    """For each test question, the context sentence with the highest word overlap (nothing is fitted)."""
-    preds = [best_sentence(str(e["context"]), str(e["question"])) for e in test]
+def overlap_sentence(ttype, train, validation, test, seed) -> tuple[list[str], dict]:
+    """For each test question (the second input field), the sentence of the context (the first) with the highest
+    word overlap (nothing is fitted)."""
+    context, question = ttype.inputs[:2]
+    preds = [best_sentence(str(e[context]), str(e[question])) for e in test]
     return preds, {"method": "best-overlap sentence",
                    "params": {"overlap": "distinct words shared with the question, SQuAD-normalised",
                               "ties": "earliest sentence"}}
@@ -149,10 +155,11 @@ def entity_pairs(value) -> list[tuple[str, str]]:
     return [(t, k) for t, k in out if t and k]
 
 
-def build_dictionary(examples: list[dict]) -> dict[str, str]:
-    """Entity text -> its most frequent type among the training entities (ties: the type seen first)."""
+def build_dictionary(examples: list[dict], answer: str = "entities") -> dict[str, str]:
+    """Entity text -> its most frequent type among the training entities, the examples' `answer` field (ties: the
+    type seen first)."""
     counts: dict[str, Counter] = {}
-    for value in _answers("ner", examples):
+    for value in (e[answer] for e in examples):
         for text, etype in entity_pairs(value):
             counts.setdefault(text, Counter())[etype] += 1
     return {text: c.most_common(1)[0][0] for text, c in counts.items()}
@@ -178,22 +185,35 @@ def match_entities(text: str, dictionary: dict[str, str]) -> list[dict[str, str]
     return out
 
 
-def entity_dictionary(train, validation, test, seed) -> tuple[list[str], dict]:
+def entity_dictionary(ttype, train, validation, test, seed) -> tuple[list[str], dict]:
     """Every training entity looked up in the test text (see match_entities), written as format_entities does."""
-    dictionary = build_dictionary(train)
-    preds = [format_entities(match_entities(t, dictionary)) for t in _inputs("ner", test)]
+    dictionary = build_dictionary(train, ttype.answer)
+    preds = [format_entities(match_entities(t, dictionary)) for t in _inputs(ttype, test)]
     return preds, {"method": "training-entity dictionary",
                    "params": {"entries": len(dictionary), "match": "case-sensitive, whole words, longest first"}}
 
 
+# The classical baselines a task type may name in `TaskType.classical`; each takes (task type, train, validation,
+# test, seed) and returns the test predictions and a description for the report.
+METHODS = {
+    "tfidf_logreg": classify,
+    "lead": lead,
+    "copy_source": copy_source,
+    "overlap_sentence": overlap_sentence,
+    "entity_dictionary": entity_dictionary,
+}
+
+
 def classical_variant(template, records: dict, seed: int) -> dict | None:
     """The classical baseline as a result variant (metrics, predictions) of a templated task, fitted on the training
-    split and tuned on the validation split; None for records that bring their own prompts (no canonical fields)."""
+    split and tuned on the validation split; None for records that bring their own prompts (no canonical fields) and
+    for a task type without a classical baseline."""
     from .score import score
 
-    if template.template is None:
+    ttype = tasktypes.get(template.type)
+    if template.template is None or ttype.classical is None:
         return None
-    fields = FIELDS[template.type]
+    fields = (*ttype.inputs, ttype.answer)
     examples, tests = {}, []
     for split in ("train", "validation", "test"):
         examples[split] = []

@@ -2,7 +2,8 @@
 
 The token prefix that all prompts share (system prompt, instruction) is computed once and its KV cache reused by
 every batch; each batch then computes only its prompts' own tokens (padding sits between the prefix and them).
-A prompt that, with its answer, would pass the model's context is cut from the front as in training, with a warning.
+A fine-tuned model's prompt is cut as training cut it (`PromptFormat.prompt_ids`); one that, with its answer, would
+still pass the model's context is cut from the front the same way, with a warning.
 Given `settled` (a test of the answer so far), a row stops as soon as its answer passes it: evaluation stops a
 classification answer once it names a choice that no further text can change (`metrics.choice_settled`)."""
 
@@ -15,7 +16,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..attention import cache_kwarg, left_pad, repeated, shared_prefix_cache, text_config
 from ..errors import InstructuneError
-from ..prompts.format import PromptFormat
+from ..prompts.format import PromptFormat, fit_prompt
 from ..runtime import autocast, grouped_kv_heads, warn
 
 
@@ -34,8 +35,12 @@ def _room(model, max_new_tokens: int) -> int | None:
 
 
 def check_prompt_fits(model, fmt: PromptFormat, prompt: str, max_new_tokens: int, where: str | None = None) -> int:
-    """The prompt's token count; InstructuneError with the numbers when it and max_new_tokens pass the context."""
-    n = len(fmt.encode_prompt(prompt))
+    """The prompt's token count as the model reads it (cut as training cut it: `PromptFormat.prompt_ids`, with a
+    warning); InstructuneError with the numbers when it and max_new_tokens pass the context."""
+    n = len(fmt.prompt_ids(prompt, max_new_tokens))
+    if fmt.prompts_cut([prompt], max_new_tokens):
+        warn(f"the input is {len(fmt.encode_prompt(prompt))} tokens; as in training (train.max_length "
+             f"{fmt.max_length}), the model reads its first token and its last {n - 1}")
     room, size = _room(model, max_new_tokens), context_size(model)
     if room is not None and n > room:
         new = "" if model.config.is_encoder_decoder else f" + {max_new_tokens} new tokens = {n + max_new_tokens}"
@@ -43,6 +48,15 @@ def check_prompt_fits(model, fmt: PromptFormat, prompt: str, max_new_tokens: int
                                f"by at least {n - room} tokens" + ("" if model.config.is_encoder_decoder else
                                                                   " (or lower --max-new-tokens)"), where)
     return n
+
+
+def model_prompts(model, fmt: PromptFormat, prompts: list[str], max_new_tokens: int, desc: str) -> list[list[int]]:
+    """The tokens the model reads for each prompt: cut as training cut it (a fine-tuned model's format, with a
+    warning that counts them), then fitted to the model's context (`fit_context`)."""
+    if cut := fmt.prompts_cut(prompts, max_new_tokens):
+        warn(f"{desc}: {cut} of {len(prompts)} prompts are longer than training's train.max_length {fmt.max_length} "
+             "allows; cut as training cut them (the first token and the end)")
+    return fit_context(model, [fmt.prompt_ids(p, max_new_tokens) for p in prompts], max_new_tokens, desc)
 
 
 def fit_context(model, encoded: list[list[int]], max_new_tokens: int, desc: str = "generating") -> list[list[int]]:
@@ -64,7 +78,7 @@ def fit_context(model, encoded: list[list[int]], max_new_tokens: int, desc: str 
     new = "" if model.config.is_encoder_decoder else f" + {max_new_tokens} new tokens"
     warn(f"{desc}: {len(long)} of {len(encoded)} prompts pass the model's context of {context_size(model)} tokens "
          f"(the longest: {longest} tokens{new}); cut from the front to {room} tokens, keeping the first token")
-    return [ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:] for ids in encoded]
+    return [fit_prompt(ids, room) for ids in encoded]
 
 
 class _Settled(StoppingCriteria):
@@ -90,7 +104,7 @@ def generate(model, fmt: PromptFormat, prompts: list[str], max_new_tokens: int, 
 
 def _generate(model, fmt, prompts, max_new_tokens, batch_size, desc, bf16, share_prefix, settled) -> list[str]:
     tok = fmt.tok
-    encoded = fit_context(model, [fmt.encode_prompt(p) for p in prompts], max_new_tokens, desc)
+    encoded = model_prompts(model, fmt, prompts, max_new_tokens, desc)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first: memory peaks early
     outputs: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device

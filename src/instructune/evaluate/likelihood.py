@@ -24,7 +24,7 @@ from ..attention import (as_model_mask, cache_kwarg, cache_of, fusable, left_pad
 from ..prompts.format import IGNORE, PromptFormat
 from ..prompts.template import Pair
 from ..runtime import autocast, grouped_kv_heads
-from .generate import fit_context
+from .generate import model_prompts
 
 # Ceiling on the logits of one choice pass (float32 elements, 256 MiB): many long choices are split into groups.
 LOGIT_BUDGET = 1 << 26
@@ -35,19 +35,14 @@ def completion_ids(fmt: PromptFormat, choice: str) -> list[int]:
     """The token ids a model is trained on for `choice` as the answer: its completion text and the end token.
 
     Taken from `PromptFormat.encode` itself (its supervised labels), so scoring follows training exactly."""
-    encoded = fmt.encode(Pair(_PROBE, choice), max_length=1 << 30)
+    encoded = fmt.encode(Pair(_PROBE, choice), max_length=1 << 30, answer_tokens=0)
     return [t for t in encoded.labels if t != IGNORE]
-
-
-def _truncate(ids: list[int], keep: int) -> list[int]:
-    # As PromptFormat.encode does: keep the first token (BOS / template start) and the end, which holds the question.
-    return ids if len(ids) <= keep else ids[:1] + ids[len(ids) - keep + 1:]
 
 
 @torch.no_grad()
 def choice_logprobs(model, fmt: PromptFormat, prompts: list[str], choices: list[str], batch_size: int = 16,
                     bf16: bool = False, length_normalized: bool = False, share_prefix: bool = True,
-                    max_length: int | None = None, desc: str = "scoring") -> torch.Tensor:
+                    answer_tokens: int | None = None, desc: str = "scoring") -> torch.Tensor:
     """Log-probability of each choice's completion given each prompt: a float32 tensor [len(prompts), len(choices)].
 
     Each entry sums log p(token | prompt, earlier completion tokens) over the choice's completion tokens as trained
@@ -56,8 +51,9 @@ def choice_logprobs(model, fmt: PromptFormat, prompts: list[str], choices: list[
     plain sum, is the likelihood of the whole answer and the usual choice for short labels.
 
     `batch_size` counts prompts; rows are ordered longest first and returned in input order. `share_prefix`
-    computes the token prefix common to all prompts once. `max_length` (optional) cuts prompts from the front as
-    training does, so prompt + the longest choice fit. `bf16` runs the model under bfloat16 autocast."""
+    computes the token prefix common to all prompts once. A fine-tuned model's format (`fmt.max_length`) cuts
+    prompts as training did (`PromptFormat.prompt_ids`) for answers of `answer_tokens` (the task's max_new_tokens;
+    default: the longest choice). `bf16` runs the model under bfloat16 autocast."""
     if not choices:
         raise ValueError("no choices to score")
     if not prompts:
@@ -65,10 +61,8 @@ def choice_logprobs(model, fmt: PromptFormat, prompts: list[str], choices: list[
     tok = fmt.tok
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     comps = [completion_ids(fmt, c) for c in choices]
-    encoded = [fmt.encode_prompt(p) for p in prompts]
-    if max_length is not None:
-        encoded = [_truncate(e, max_length - max(len(c) for c in comps)) for e in encoded]
-    encoded = fit_context(model, encoded, max(len(c) for c in comps), desc)  # never scored past the context
+    answer_tokens = max(len(c) for c in comps) if answer_tokens is None else answer_tokens
+    encoded = model_prompts(model, fmt, prompts, answer_tokens, desc)  # as trained, never past the context
     if empty := [i for i, e in enumerate(encoded) if not e]:
         raise ValueError(f"prompt {empty[0]} has no tokens: nothing to condition the first answer token on")
 
@@ -195,8 +189,8 @@ def score_fused(model, ids, mask, prefix_len: int, cache, comps: list[list[int]]
 
 def classify_by_likelihood(model, fmt: PromptFormat, prompts: list[str], choices: list[str], batch_size: int = 16,
                            bf16: bool = False, desc: str = "scoring", length_normalized: bool = False,
-                           max_length: int | None = None) -> list[str]:
+                           answer_tokens: int | None = None) -> list[str]:
     """For each prompt, the choice whose completion (as trained) is most likely; ties go to the earlier choice."""
     scores = choice_logprobs(model, fmt, prompts, choices, batch_size=batch_size, bf16=bf16,
-                             length_normalized=length_normalized, max_length=max_length, desc=desc)
+                             length_normalized=length_normalized, answer_tokens=answer_tokens, desc=desc)
     return [choices[j] for j in scores.argmax(-1).tolist()]

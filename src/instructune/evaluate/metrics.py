@@ -5,12 +5,16 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import version
+from typing import Callable
 
-TASK_TYPES = ("classification", "summarization", "translation", "qa", "ner")
-PRIMARY_METRIC = {"classification": "accuracy", "summarization": "rougeL", "translation": "chrf", "qa": "f1",
-                  "ner": "entity_f1"}
+from .. import tasktypes
+
+# The built-in task types and their primary metrics (a registered type is not here: ask tasktypes.get).
+TASK_TYPES = tasktypes.BUILTIN
+PRIMARY_METRIC = {name: tasktypes.get(name).primary_metric for name in TASK_TYPES}
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 _EDGE = string.punctuation + string.whitespace + "“”‘’«»"
 _PUNCT = set(string.punctuation)
@@ -217,13 +221,129 @@ def ner_metrics(predictions, references) -> dict:
     return _prf(tp, n_pred, n_gold)
 
 
-# --- dispatch -------------------------------------------------------------------------------------------------
+# --- metric sets: one per kind of answer, named by task types (tasktypes.TaskType.metrics) -----------------
 
-def _check_task(task_type: str, choices) -> None:
-    if task_type not in TASK_TYPES:
-        raise ValueError(f"unknown task type {task_type!r}; valid: {', '.join(TASK_TYPES)}")
-    if task_type == "classification" and not choices:
-        raise ValueError("classification needs the list of choices")
+@dataclass(frozen=True)
+class MetricSet:
+    """How one kind of answer is scored, every metric on a 0..1 scale. Each function takes (predictions, references),
+    and the task's choices third when `needs_choices`; predictions and references are never empty and pair up."""
+
+    per_example: Callable[..., dict[str, list[float]]]  # {metric: per-example scores aligned with the inputs}
+    notes: Callable[[], dict[str, str]]  # how each corpus metric was computed (library signatures), same keys
+    corpus: Callable[..., dict[str, float]] | None = None  # the corpus metrics; None: means of per_example
+    statistics: Callable[..., dict] | None = None  # see metric_statistics; None: means of per_example
+    needs_choices: bool = False
+
+
+def _mean_statistics(scores):
+    import numpy as np
+
+    return np.column_stack([np.asarray(scores, dtype=float), np.ones(len(scores))]), lambda s: s[:, 0] / s[:, 1]
+
+
+def _labels_notes() -> dict[str, str]:
+    note = "parse_choice to one of the choices; unparseable predictions count wrong"
+    return {"accuracy": note, "macro_f1": note + "; macro F1 over classes present in refs or preds",
+            "invalid_rate": "share of predictions matching no choice"}
+
+
+def _labels_per_example(predictions, references, choices) -> dict[str, list[float]]:
+    preds, refs = _parse_labels(predictions, references, choices)
+    return {"accuracy": [float(p == r) for p, r in zip(preds, refs)]}
+
+
+def _labels_statistics(predictions, references, choices):
+    import numpy as np
+
+    preds, refs = _parse_labels(predictions, references, choices)
+    labels = list(dict.fromkeys(choices))
+    # per class: tp, fp, fn; macro F1 over classes with tp + fp + fn > 0
+    cols = [[float(p == c and r == c), float(p == c and r != c), float(p != c and r == c)]
+            for p, r in zip(preds, refs) for c in labels]
+    stats = np.asarray(cols).reshape(len(preds), 3 * len(labels))
+
+    def macro_f1(s):
+        tp, fp, fn = s[:, 0::3], s[:, 1::3], s[:, 2::3]
+        seen = (tp + fp + fn) > 0
+        f1 = np.where(seen, 2 * tp / np.maximum(2 * tp + fp + fn, 1e-12), 0.0)
+        return f1.sum(1) / np.maximum(seen.sum(1), 1)
+    return {"accuracy": _mean_statistics([p == r for p, r in zip(preds, refs)]), "macro_f1": (stats, macro_f1)}
+
+
+def _rouge_notes() -> dict[str, str]:
+    rs = f"rouge-score {version('rouge-score')}, use_stemmer=True, F-measure, mean over examples"
+    return {k: rs for k in ROUGE_TYPES}
+
+
+def _sacrebleu_notes() -> dict[str, str]:
+    return {k: str(_sacre(k).get_signature()) for k in ("bleu", "chrf")}
+
+
+def _sacrebleu_per_example(predictions, references) -> dict[str, list[float]]:
+    return {k: [_sacre(s).sentence_score(p, [r]).score / 100 for p, r in zip(predictions, references)]
+            for k, s in (("bleu", "sentence_bleu"), ("chrf", "chrf"))}
+
+
+def _sacrebleu_statistics(predictions, references):
+    import numpy as np
+
+    out = {}
+    for k in ("bleu", "chrf"):
+        metric = _sacre(k)
+        stats = np.asarray(metric._extract_corpus_statistics(list(predictions), [list(references)]), dtype=float)
+        out[k] = (stats, lambda s, m=metric: np.array([m._compute_score_from_stats(list(row)).score / 100 for row in s]))
+    return out
+
+
+def _squad_notes() -> dict[str, str]:
+    note = "SQuAD v1.1 normalisation (lowercase, no punctuation/articles); max over acceptable answers"
+    return {"exact_match": note, "f1": note + "; token-overlap F1"}
+
+
+def _entity_notes() -> dict[str, str]:
+    note = "micro-averaged over exact (text, type) matches, text case-insensitive; both empty = 1.0"
+    return {k: note for k in ("entity_precision", "entity_recall", "entity_f1")}
+
+
+def _entity_per_example(predictions, references) -> dict[str, list[float]]:
+    return {"entity_f1": [_prf(*c)["entity_f1"] for c in _ner_counts(predictions, references)]}
+
+
+def _entity_statistics(predictions, references):
+    import numpy as np
+
+    stats = np.asarray(list(_ner_counts(predictions, references)), dtype=float)  # tp, n_pred, n_gold
+
+    def ner(key):
+        def finish(s):
+            return np.array([_prf(*(int(x) for x in row))[key] for row in s])
+        return finish
+    return {k: (stats, ner(k)) for k in ("entity_precision", "entity_recall", "entity_f1")}
+
+
+METRIC_SETS: dict[str, MetricSet] = {
+    "labels": MetricSet(_labels_per_example, _labels_notes, classification_metrics, _labels_statistics,
+                        needs_choices=True),
+    "rouge": MetricSet(_rouge_per_example, _rouge_notes, summarization_metrics),
+    "sacrebleu": MetricSet(_sacrebleu_per_example, _sacrebleu_notes, translation_metrics, _sacrebleu_statistics),
+    "squad": MetricSet(_qa_per_example, _squad_notes, qa_metrics),
+    "entities": MetricSet(_entity_per_example, _entity_notes, ner_metrics, _entity_statistics),
+}
+
+
+# --- dispatch: the task type's metric set ---------------------------------------------------------------------
+
+def _scoring(task_type: str, predictions, references, choices) -> tuple[MetricSet, tuple]:
+    """The task type's metric set and the arguments its functions take, the inputs checked."""
+    kind = tasktypes.get(task_type)  # an unknown type: a ValueError listing the known ones
+    if kind.metrics not in METRIC_SETS:
+        raise ValueError(f"task type {task_type!r} is scored by the metric set {kind.metrics!r}, which is not in "
+                         f"METRIC_SETS ({', '.join(METRIC_SETS)})")
+    metric_set = METRIC_SETS[kind.metrics]
+    if metric_set.needs_choices and not choices:
+        raise ValueError(f"{task_type} needs the list of choices")
+    _check(predictions, references)
+    return metric_set, (predictions, references, choices) if metric_set.needs_choices else (predictions, references)
 
 
 def per_example_scores(task_type, predictions, references, choices=None) -> dict[str, list[float]]:
@@ -232,42 +352,18 @@ def per_example_scores(task_type, predictions, references, choices=None) -> dict
     Translation gives sentence-level chrF and sentence BLEU (effective order), each /100. Corpus BLEU and chrF are
     NOT the means of these (they pool n-gram statistics before dividing), so resample corpus scores with
     `metric_statistics` (sufficient statistics) when the corpus figure is the one being tested."""
-    _check_task(task_type, choices)
-    _check(predictions, references)
-    if task_type == "classification":
-        preds, refs = _parse_labels(predictions, references, choices)
-        return {"accuracy": [float(p == r) for p, r in zip(preds, refs)]}
-    if task_type == "summarization":
-        return _rouge_per_example(predictions, references)
-    if task_type == "translation":
-        return {k: [_sacre(s).sentence_score(p, [r]).score / 100 for p, r in zip(predictions, references)]
-                for k, s in (("bleu", "sentence_bleu"), ("chrf", "chrf"))}
-    if task_type == "qa":
-        return _qa_per_example(predictions, references)
-    return {"entity_f1": [_prf(*c)["entity_f1"] for c in _ner_counts(predictions, references)]}
+    metric_set, args = _scoring(task_type, predictions, references, choices)
+    return metric_set.per_example(*args)
 
 
 def compute_metrics(task_type, predictions, references, choices=None) -> tuple[dict[str, float], dict[str, str]]:
     """Corpus metrics for a task type, plus a note per metric saying how it was computed (library signatures)."""
-    _check_task(task_type, choices)
-    _check(predictions, references)
-    if task_type == "classification":
-        note = "parse_choice to one of the choices; unparseable predictions count wrong"
-        return (classification_metrics(predictions, references, choices),
-                {"accuracy": note, "macro_f1": note + "; macro F1 over classes present in refs or preds",
-                 "invalid_rate": "share of predictions matching no choice"})
-    if task_type == "summarization":
-        rs = f"rouge-score {version('rouge-score')}, use_stemmer=True, F-measure, mean over examples"
-        return summarization_metrics(predictions, references), {k: rs for k in ROUGE_TYPES}
-    if task_type == "translation":
-        return (translation_metrics(predictions, references),
-                {k: str(_sacre(k).get_signature()) for k in ("bleu", "chrf")})
-    if task_type == "qa":
-        note = "SQuAD v1.1 normalisation (lowercase, no punctuation/articles); max over acceptable answers"
-        return qa_metrics(predictions, references), {"exact_match": note, "f1": note + "; token-overlap F1"}
-    note = "micro-averaged over exact (text, type) matches, text case-insensitive; both empty = 1.0"
-    return ner_metrics(predictions, references), {k: note for k in
-                                                  ("entity_precision", "entity_recall", "entity_f1")}
+    metric_set, args = _scoring(task_type, predictions, references, choices)
+    if metric_set.corpus is not None:
+        metrics = metric_set.corpus(*args)
+    else:
+        metrics = {k: _mean(v) for k, v in metric_set.per_example(*args).items()}
+    return metrics, metric_set.notes()
 
 
 # --- sufficient statistics (for the paired bootstrap) ---------------------------------------------------------
@@ -278,43 +374,7 @@ def metric_statistics(task_type, predictions, references, choices=None):
     `finish(summed [r, d]) -> [r]` turns stats summed over any resample of the examples into the corpus metric,
     so a bootstrap resamples rows and never re-runs a scorer. finish(stats.sum(0)) equals compute_metrics exactly,
     corpus BLEU/chrF (sacreBLEU's own n-gram statistics) and micro entity F1 included."""
-    import numpy as np
-
-    _check_task(task_type, choices)
-    _check(predictions, references)
-
-    def mean(scores):
-        return np.column_stack([np.asarray(scores, dtype=float), np.ones(len(scores))]), lambda s: s[:, 0] / s[:, 1]
-
-    if task_type == "classification":
-        preds, refs = _parse_labels(predictions, references, choices)
-        labels = list(dict.fromkeys(choices))
-        # per class: tp, fp, fn; macro F1 over classes with tp + fp + fn > 0
-        cols = [[float(p == c and r == c), float(p == c and r != c), float(p != c and r == c)]
-                for p, r in zip(preds, refs) for c in labels]
-        stats = np.asarray(cols).reshape(len(preds), 3 * len(labels))
-
-        def macro_f1(s):
-            tp, fp, fn = s[:, 0::3], s[:, 1::3], s[:, 2::3]
-            seen = (tp + fp + fn) > 0
-            f1 = np.where(seen, 2 * tp / np.maximum(2 * tp + fp + fn, 1e-12), 0.0)
-            return f1.sum(1) / np.maximum(seen.sum(1), 1)
-        return {"accuracy": mean([p == r for p, r in zip(preds, refs)]), "macro_f1": (stats, macro_f1)}
-    if task_type in ("summarization", "qa"):
-        per = _rouge_per_example(predictions, references) if task_type == "summarization" \
-            else _qa_per_example(predictions, references)
-        return {k: mean(v) for k, v in per.items()}
-    if task_type == "translation":
-        out = {}
-        for k in ("bleu", "chrf"):
-            metric = _sacre(k)
-            stats = np.asarray(metric._extract_corpus_statistics(list(predictions), [list(references)]), dtype=float)
-            out[k] = (stats, lambda s, m=metric: np.array([m._compute_score_from_stats(list(row)).score / 100 for row in s]))
-        return out
-    stats = np.asarray(list(_ner_counts(predictions, references)), dtype=float)  # tp, n_pred, n_gold
-
-    def ner(key):
-        def finish(s):
-            return np.array([_prf(*(int(x) for x in row))[key] for row in s])
-        return finish
-    return {k: (stats, ner(k)) for k in ("entity_precision", "entity_recall", "entity_f1")}
+    metric_set, args = _scoring(task_type, predictions, references, choices)
+    if metric_set.statistics is not None:
+        return metric_set.statistics(*args)
+    return {k: _mean_statistics(v) for k, v in metric_set.per_example(*args).items()}

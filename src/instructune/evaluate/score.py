@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+from .. import tasktypes
 from ..config import EvalConfig
 from ..prompts import Pair, PromptFormat, TaskTemplate
 from .generate import generate
 from .likelihood import classify_by_likelihood
-from .metrics import PRIMARY_METRIC, choice_settled, compute_metrics
+from .metrics import choice_settled, compute_metrics
 
 
 def answer(model, fmt: PromptFormat, template: TaskTemplate, prompts: list[str], cfg: EvalConfig,
            desc: str) -> tuple[list[str], str]:
     """The model's answers and how they were produced: greedy generation, or rank classification by likelihood."""
-    if template.type == "classification" and cfg.classification_mode == "likelihood" and not fmt.seq2seq:
+    if tasktypes.get(template.type).choices and cfg.classification_mode == "likelihood" and not fmt.seq2seq:
         return classify_by_likelihood(model, fmt, prompts, template.choices, cfg.batch_size, bf16=cfg.bf16,
-                                      desc=desc), "likelihood"
+                                      desc=desc, answer_tokens=template.max_new_tokens), "likelihood"
     return generate(model, fmt, prompts, template.max_new_tokens, cfg.batch_size, desc=desc, bf16=cfg.bf16,
                     settled=settled(template)), "generation"
 
@@ -22,7 +23,7 @@ def answer(model, fmt: PromptFormat, template: TaskTemplate, prompts: list[str],
 def settled(template: TaskTemplate):
     """When a generated answer is final for scoring: a classification answer once it names a choice that no more
     text can change (its metric would be the same, in fewer decoding steps); None: at the end of the answer."""
-    if template.type == "classification" and template.choices:
+    if tasktypes.get(template.type).choices and template.choices:
         return lambda text: choice_settled(text, template.choices)
     return None
 
@@ -37,7 +38,7 @@ def score(template: TaskTemplate, test: list[Pair], predictions: list[str], prom
 
 def primary(template: TaskTemplate, result: dict) -> str:
     """`metric = value` of the task type's primary metric, for progress messages."""
-    metric = PRIMARY_METRIC[template.type]
+    metric = tasktypes.get(template.type).primary_metric
     return f"{metric} = {result['metrics'][metric]:.4f}"
 
 
@@ -53,6 +54,6 @@ def validation_scorer(subsets: list[tuple[TaskTemplate, PromptFormat, list[Pair]
             preds = generate(model, fmt, prompts, template.max_new_tokens, batch_size,
                              desc=f"{template.task}: validation metric", bf16=bf16, settled=settled(template))
             metrics, _ = compute_metrics(template.type, preds, [p.completion for p in pairs], template.choices)
-            values.append(metrics[PRIMARY_METRIC[template.type]])
+            values.append(metrics[tasktypes.get(template.type).primary_metric])
         return sum(values) / max(len(values), 1)
     return score_model

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import tasktypes
 from ..data.load import Record
 from ..errors import InstructuneError
 from ..io import read_json
-from ..prompts import PromptFormat, TaskTemplate
-from ..prompts.library import FIELDS
+from ..manifest import Manifest
+from ..prompts import TaskTemplate
 
 EXAMPLE_INPUT = "<your text here>"
 
@@ -17,7 +18,7 @@ def example_record(template: TaskTemplate) -> Record:
     """A record whose input fields hold a placeholder, to show a task's prompt as training rendered it."""
     if template.template is None:
         return Record({"prompt": EXAMPLE_INPUT}, "model card")
-    names = FIELDS[template.type][:-1]
+    names = tasktypes.get(template.type).inputs
     return Record({template.fields.get(n, n): EXAMPLE_INPUT for n in names}, "model card")
 
 
@@ -37,12 +38,12 @@ def results_table(results: dict) -> list[str]:
     return rows
 
 
-def model_card(manifest: dict, tokenizer, run_dir: Path | None) -> str:
-    chat = bool(manifest.get("chat_template"))
+def model_card(manifest: Manifest, tokenizer, run_dir: Path | None) -> str:
+    chat = manifest.chat_template
     lines = ["# Fine-tuned with instructune", "",
-             f"- base model: `{manifest.get('base_model_hub_id') or manifest.get('base_model')}`",
-             f"- method: {manifest.get('method')}",
-             f"- data fingerprint: `{manifest.get('data_fingerprint')}`",
+             f"- base model: `{manifest.base_model_hub_id or manifest.base_model}`",
+             f"- method: {manifest.method}",
+             f"- data fingerprint: `{manifest.data_fingerprint}`",
              f"- prompt format: {'the chat template saved with the tokenizer' if chat else 'plain text (no chat template)'}",
              ""]
     results = read_json(run_dir / "results.json") if run_dir else {}
@@ -54,9 +55,8 @@ def model_card(manifest: dict, tokenizer, run_dir: Path | None) -> str:
     lines += ["## Prompt format", "",
               "Send exactly the prompt training used, or the answers will not match the evaluation. One rendered "
               f"example per task (`{EXAMPLE_INPUT}` stands for the input):", ""]
-    for name, d in manifest.get("tasks", {}).items():
-        template = TaskTemplate.from_dict(d)
-        fmt = PromptFormat(tokenizer, chat, template.separator, bool(manifest.get("encoder_decoder")))
+    for name, template in manifest.templates().items():
+        fmt = manifest.prompt_format(tokenizer, template.separator)
         try:
             prompt = fmt.prompt_text(template.prompt_only(example_record(template)))
         except InstructuneError as e:  # a user template that reads fields beyond the task type's: say so, go on

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import InstructuneError
 from ..io import atomic_write, replaced_folder, write_json
-from ..models import MANIFEST, read_manifest
+from ..manifest import MANIFEST, Manifest
 from .card import model_card
 from .source import (EXPORT_MARKER, check_output_folder, full_precision_model, model_folder,
                      tokenizer_and_format)
@@ -30,7 +30,7 @@ def export_merged(run_or_model_dir, out_dir, dtype: str = "float32") -> Path:
         raise InstructuneError(f"unknown dtype {dtype!r}; choose one of {list(DTYPES)}", "--dtype")
     model_dir = model_folder(run_or_model_dir)
     out_dir = check_output_folder(Path(out_dir))
-    manifest = read_manifest(model_dir)
+    manifest = Manifest.read(model_dir)
     model = full_precision_model(model_dir, manifest).to(getattr(torch, dtype))  # cast after the fp32 merge
     tokenizer, fmt = tokenizer_and_format(model_dir, manifest)
     ends = end_token_ids(tokenizer, fmt)

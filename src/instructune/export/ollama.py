@@ -8,15 +8,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import tasktypes
 from ..data.load import Record
 from ..errors import InstructuneError
 from ..io import atomic_write, write_json
-from ..prompts import PromptFormat, TaskTemplate
+from ..manifest import Manifest
+from ..prompts import TaskTemplate
 from ..prompts.format import SHOT_DELIMITER
-from ..prompts.library import FIELDS
 from .gotemplate import go_template
 from .merged import end_token_ids
-from ..models import read_manifest
 from .source import EXPORT_MARKER, check_output_folder, model_folder, tokenizer_and_format
 
 
@@ -28,17 +28,10 @@ class OllamaPrompt:
     stops: list[str]
 
 
-def task_template(manifest: dict, task: str) -> TaskTemplate:
-    tasks = manifest.get("tasks", {})
-    if task not in tasks:
-        raise InstructuneError(f"unknown task {task!r}; this model learned {sorted(tasks)}", "--task")
-    return TaskTemplate.from_dict(tasks[task])
-
-
 def input_wrapper(template: TaskTemplate) -> tuple[str, str, str | None]:
     """(text before, text after) the user's input in the task's training prompt, and its system prompt; only for
     tasks with one input field, whose input can be the whole of what `ollama run` sends."""
-    fields = FIELDS[template.type][:-1] if template.template is not None else ("prompt",)
+    fields = tasktypes.get(template.type).inputs if template.template is not None else ("prompt",)
     if len(fields) != 1:
         raise InstructuneError(f"--task {template.task!r} is a {template.type} task with {len(fields)} input fields "
                                f"({', '.join(fields)}); a Modelfile can wrap one input field only (classification, "
@@ -65,15 +58,15 @@ def _one(values: set, what: str):
     return next(iter(values), None)
 
 
-def ollama_prompt(tokenizer, manifest: dict, task: str | None = None) -> OllamaPrompt:
-    chat = bool(manifest.get("chat_template"))
-    templates = [task_template(manifest, task)] if task else [TaskTemplate.from_dict(d) for d in manifest["tasks"].values()]
+def ollama_prompt(tokenizer, manifest: Manifest, task: str | None = None) -> OllamaPrompt:
+    chat = manifest.chat_template
+    templates = [manifest.task_template(task)] if task else list(manifest.templates().values())
     if task:
         before, after, system = input_wrapper(templates[0])
     else:
         before, after, system = "", "", _one({t.system_prompt for t in templates if t.system_prompt}, "system prompt")
     separator = _one({t.separator for t in templates}, "separator") if not chat else "\n"
-    fmt = PromptFormat(tokenizer, chat, separator or "\n")
+    fmt = manifest.prompt_format(tokenizer, separator or "\n")
 
     def render(sys: str | None, user: str) -> str:
         return fmt.prompt_text(([{"role": "system", "content": sys}] if sys else []) + [{"role": "user", "content": user}])
@@ -112,7 +105,7 @@ def write_modelfile(run_or_model_dir, gguf_path, out_dir, task: str | None = Non
     if gguf_path.suffix != ".gguf" or not gguf_path.is_file():
         raise InstructuneError("no such GGUF file: export it first (`--format gguf`)", str(gguf_path))
     out_dir = check_output_folder(Path(out_dir), may_hold=(gguf_path.name, "Modelfile"))
-    manifest = read_manifest(model_dir)
+    manifest = Manifest.read(model_dir)
     tokenizer, _ = tokenizer_and_format(model_dir, manifest)
     prompt = ollama_prompt(tokenizer, manifest, task)
     same = gguf_path.resolve().parent == out_dir.resolve()

@@ -7,12 +7,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .. import tasktypes
 from ..errors import InstructuneError
 from ..evaluate.generate import generate
-from ..evaluate.metrics import PRIMARY_METRIC, compute_metrics
+from ..evaluate.metrics import compute_metrics
 from ..io import read_json
-from ..prompts import PromptFormat, TaskTemplate
-from ..models import read_manifest
+from ..manifest import Manifest
 from .source import full_precision_model, model_folder, tokenizer_and_format
 
 
@@ -33,14 +33,13 @@ def test_prompts(run_dir, limit: int | None = None) -> dict[str, dict]:
     if not finetuned:
         raise InstructuneError("no finetuned.json: evaluate the run first (`instructune evaluate CONFIG`); parity "
                                "compares the export with the evaluated model", str(run_dir))
-    manifest = read_manifest(model_dir)
     out = {}
-    for name, saved in manifest["tasks"].items():
+    for name, template in Manifest.read(model_dir).templates().items():
         result = finetuned.get(name, {}).get("finetuned")
         if not result:
             continue
         rows = result["predictions"][:limit]
-        out[name] = {"template": TaskTemplate.from_dict(saved), "mode": result["mode"],
+        out[name] = {"template": template, "mode": result["mode"],
                      "prompts": [r["prompt"] for r in rows], "references": [r["reference"] for r in rows],
                      "predictions": [r["prediction"] for r in rows]}
     return out
@@ -53,18 +52,18 @@ def reference_outputs(run_dir, limit: int | None = None) -> dict[str, list[str]]
     rest = [n for n in tasks if n not in out]
     if rest:  # likelihood-scored classification: its labels are not generations, so generate for a fair comparison
         model_dir = model_folder(run_dir)
-        manifest = read_manifest(model_dir)
+        manifest = Manifest.read(model_dir)
         model = full_precision_model(model_dir, manifest)
         tokenizer, _ = tokenizer_and_format(model_dir, manifest)
         out.update(_generate_all(model, tokenizer, manifest, {n: tasks[n] for n in rest}))
     return out
 
 
-def _generate_all(model, tokenizer, manifest: dict, tasks: dict) -> dict[str, list[str]]:
+def _generate_all(model, tokenizer, manifest: Manifest, tasks: dict) -> dict[str, list[str]]:
     out = {}
     for name, t in tasks.items():
         template = t["template"]
-        fmt = PromptFormat(tokenizer, bool(manifest.get("chat_template")), template.separator)
+        fmt = manifest.prompt_format(tokenizer, template.separator)
         out[name] = generate(model, fmt, t["prompts"], template.max_new_tokens, desc=f"{name}: exported")
     return out
 
@@ -76,7 +75,7 @@ def gguf_outputs(run_dir, gguf_path, limit: int | None = None) -> dict[str, list
 
     gguf_path = Path(gguf_path)
     model_dir = model_folder(run_dir)
-    manifest = read_manifest(model_dir)
+    manifest = Manifest.read(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -95,14 +94,14 @@ def llama_cpp_outputs(run_dir, gguf_path, limit: int | None = None, n_threads: i
         raise InstructuneError("llama.cpp parity needs llama-cpp-python (`pip install llama-cpp-python`; it builds "
                                "llama.cpp, several minutes)") from None
     model_dir = model_folder(run_dir)
-    manifest = read_manifest(model_dir)
-    chat = bool(manifest.get("chat_template"))
+    manifest = Manifest.read(model_dir)
+    chat = manifest.chat_template
     _, train_fmt = tokenizer_and_format(model_dir, manifest)
     ends = train_fmt.end_ids()  # the GGUF keeps the tokenizer's ids, so training's end ids hold there too
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
     outputs, generated, seconds = {}, 0, 0.0
     for name, t in test_prompts(run_dir, limit).items():
-        fmt = PromptFormat(None, chat, t["template"].separator)
+        fmt = manifest.prompt_format(None, t["template"].separator)
         answers = []
         for prompt in (prompts or {}).get(name, t["prompts"]):  # e.g. rendered with the GGUF's own chat template
             # a chat prompt carries its own BOS as text; a plain prompt gets the tokenizer's, as in training
@@ -129,7 +128,7 @@ def parity_report(run_dir, exported: dict[str, list[str]], limit: int | None = N
     for name, answers in exported.items():
         t = tasks[name]
         kind, choices = t["template"].type, t["template"].choices
-        metric = PRIMARY_METRIC[kind]
+        metric = tasktypes.get(kind).primary_metric
         ref_metrics, _ = compute_metrics(kind, reference[name], t["references"], choices)
         exp_metrics, _ = compute_metrics(kind, answers, t["references"], choices)
         report[name] = {**parity(reference[name], answers), "metric": metric, "reference": ref_metrics[metric],

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import ModelConfig
 from ..errors import InstructuneError
-from ..models import MANIFEST, check_model_folder, load_model, load_tokenizer
-from ..prompts import PromptFormat
+from ..manifest import MANIFEST, Manifest
+from ..models import check_model_folder, load_model, load_tokenizer, quiet_peft
 
 EXPORT_MARKER = ".instructune-export"  # written into every folder an export made, so a rerun may replace it
 
@@ -28,38 +27,33 @@ def model_folder(run_or_model_dir) -> Path:
     return check_model_folder(path)  # safetensors only, readable headers, JSON configs
 
 
-
-
-def model_config(manifest: dict) -> ModelConfig:
-    return ModelConfig(**manifest["config"]["model"])
-
-
 def is_adapter(model_dir: Path) -> bool:
     return (Path(model_dir) / "adapter_config.json").is_file()
 
 
-def full_precision_model(model_dir: Path, manifest: dict):
+def full_precision_model(model_dir: Path, manifest: Manifest):
     """The fine-tuned model in fp32, in eval mode: an adapter is merged into the fp32 base weights read from
-    `manifest["base_model"]` (never into a quantized or bf16 copy, whose rounding the merge would bake in)."""
+    `manifest.base_model` (never into a quantized or bf16 copy, whose rounding the merge would bake in)."""
     import torch
 
-    cfg = model_config(manifest)
+    cfg = manifest.model_cfg()
     if not is_adapter(model_dir):
         return load_model(str(model_dir), cfg, torch.float32).eval()
     from peft import PeftModel
 
-    base_dir = manifest.get("base_model")
+    base_dir = manifest.base_model
     if not base_dir or not Path(base_dir).is_dir():
         raise InstructuneError(f"the base model this adapter was trained on is not here any more ({base_dir!r}): "
                                "the merge needs its weights", str(Path(model_dir) / MANIFEST))
     base = load_model(str(base_dir), cfg, torch.float32)
-    return PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload().eval()
+    with quiet_peft():
+        return PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload().eval()
 
 
-def tokenizer_and_format(model_dir: Path, manifest: dict):
+def tokenizer_and_format(model_dir: Path, manifest: Manifest):
     """The tokenizer saved with the model and the prompt format training used (its end tokens, its chat flag)."""
-    tok = load_tokenizer(str(model_dir), model_config(manifest))
-    return tok, PromptFormat(tok, bool(manifest.get("chat_template")), seq2seq=bool(manifest.get("encoder_decoder")))
+    tok = load_tokenizer(str(model_dir), manifest.model_cfg())
+    return tok, manifest.prompt_format(tok)
 
 
 def check_output_folder(out_dir: Path, may_hold: tuple[str, ...] = ()) -> Path:

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import InstructuneError
 from .merged import end_token_ids
-from ..models import read_manifest
+from ..manifest import Manifest
 from .source import full_precision_model, model_folder, tokenizer_and_format
 from .vocab import build_vocab
 
@@ -23,9 +23,9 @@ GEMMA3_SWA_PERIOD = 6  # llama.cpp's Gemma 3: five sliding-window layers, then o
 GEMMA3_SWA_ROPE_BASE = 10_000.0  # llama.cpp's Gemma 3 uses this RoPE base on its sliding-window layers
 
 
-def architecture(model_dir: Path, manifest: dict) -> str:
+def architecture(model_dir: Path, manifest: Manifest) -> str:
     """The model's architecture name, read from its config before any weight is loaded; refused if unsupported."""
-    source = Path(manifest.get("base_model") or model_dir) if (model_dir / "adapter_config.json").is_file() else model_dir
+    source = Path(manifest.base_model or model_dir) if (model_dir / "adapter_config.json").is_file() else model_dir
     config = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {}
     arch = (config.get("architectures") or ["unknown"])[0]
     if arch not in ARCHITECTURES:
@@ -148,7 +148,7 @@ def export_gguf(run_or_model_dir, out_path, outtype: str = "f16") -> Path:
         raise InstructuneError(f"unknown GGUF type {outtype!r}; choose one of {list(OUTTYPES)}", "--dtype")
     model_dir = model_folder(run_or_model_dir)
     out_path = check_gguf_target(out_path)
-    manifest = read_manifest(model_dir)
+    manifest = Manifest.read(model_dir)
     arch = architecture(model_dir, manifest)
     model = full_precision_model(model_dir, manifest)
     tokenizer, fmt = tokenizer_and_format(model_dir, manifest)
@@ -164,8 +164,7 @@ def export_gguf(run_or_model_dir, out_path, outtype: str = "f16") -> Path:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_hparams(writer, arch, model.config)
         vocab.add_to(writer)
-        chat = bool(manifest.get("chat_template"))
-        if chat and tokenizer.chat_template:  # only a template the model was trained with
+        if manifest.chat_template and tokenizer.chat_template:  # only a template the model was trained with
             writer.add_chat_template(tokenizer.chat_template)
         write_instructune_metadata(writer, manifest, ends)
         for name, data in gguf_tensors(model, arch):
@@ -181,12 +180,12 @@ def export_gguf(run_or_model_dir, out_path, outtype: str = "f16") -> Path:
     return out_path
 
 
-def write_instructune_metadata(writer: "gguf.GGUFWriter", manifest: dict, ends: list[int]) -> None:
+def write_instructune_metadata(writer: "gguf.GGUFWriter", manifest: Manifest, ends: list[int]) -> None:
     """What instructune knows and llama.cpp does not: the task templates, whether prompts went through the chat
     template, the end tokens training taught, the base model and the data."""
-    writer.add_string("instructune.tasks", json.dumps(manifest.get("tasks", {}), ensure_ascii=False))
-    writer.add_bool("instructune.chat_template_used", bool(manifest.get("chat_template")))
+    writer.add_string("instructune.tasks", json.dumps(manifest.tasks, ensure_ascii=False))
+    writer.add_bool("instructune.chat_template_used", manifest.chat_template)
     writer.add_array("instructune.end_token_ids", [int(i) for i in ends])
-    writer.add_string("instructune.base_model", str(manifest.get("base_model_hub_id") or manifest.get("base_model")))
-    writer.add_string("instructune.method", str(manifest.get("method")))
-    writer.add_string("instructune.data_fingerprint", str(manifest.get("data_fingerprint")))
+    writer.add_string("instructune.base_model", str(manifest.base_model_hub_id or manifest.base_model))
+    writer.add_string("instructune.method", str(manifest.method))
+    writer.add_string("instructune.data_fingerprint", str(manifest.data_fingerprint))

@@ -24,14 +24,28 @@ class Encoded:
         return sum(label != IGNORE for label in (self.labels if self.seq2seq else self.labels[1:]))
 
 
+def prompt_room(max_length: int, answer_tokens: int, seq2seq: bool = False) -> int:
+    """The most prompt tokens training keeps, and so inference: `max_length` less the answer's room (the task's
+    max_new_tokens, at most half of max_length). It does not depend on the completion, which inference lacks. An
+    encoder reads the prompt alone: all of max_length."""
+    return max_length if seq2seq else max_length - min(answer_tokens, max_length // 2)
+
+
+def fit_prompt(ids: list[int], keep: int) -> list[int]:
+    """At most `keep` tokens of a prompt: the first (BOS or the chat template's start) and the end, which holds the
+    question and the answer cue; the oldest tokens after the first go."""
+    return ids if len(ids) <= keep else ids[:1] + ids[len(ids) - max(keep, 1) + 1:]
+
+
 class PromptFormat:
     """Renders pairs for one tokenizer. `chat=True` uses the tokenizer's chat template, shots as earlier turns."""
 
-    def __init__(self, tokenizer, chat: bool, separator: str = "\n", seq2seq: bool = False):
+    def __init__(self, tokenizer, chat: bool, separator: str = "\n", seq2seq: bool = False, max_length: int | None = None):
         self.tok = tokenizer
         self.chat = chat
         self.separator = separator
         self.seq2seq = seq2seq
+        self.max_length = max_length  # training's train.max_length: inference cuts prompts as training did
 
     # -- text ---------------------------------------------------------------------------------------------------
     def prompt_text(self, messages: list[dict], shots: list[Pair] = ()) -> str:
@@ -71,26 +85,39 @@ class PromptFormat:
         # Chat templates write their own BOS; plain prompts get the tokenizer's special tokens (e.g. Gemma's <bos>).
         return self.tok(text, add_special_tokens=not self.chat)["input_ids"]
 
-    def encode(self, pair: Pair, max_length: int) -> Encoded:
-        """Prompt and completion tokenized apart (so generation sees exactly the training prompt), EOS appended."""
+    def encode(self, pair: Pair, max_length: int, answer_tokens: int) -> Encoded:
+        """Prompt and completion tokenized apart (so generation sees exactly the training prompt), EOS appended.
+
+        Past `max_length` the prompt is cut by `prompt_room` (the rule inference uses too, without the completion
+        at hand), and the completion keeps what room is left, ending with its end token."""
         prompt_ids = self.encode_prompt(self.prompt_text(pair.messages))
         completion_ids = self.tok(self.completion_text(pair), add_special_tokens=False)["input_ids"]
         end = self.end_ids()
         if not completion_ids or completion_ids[-1] not in end:
             completion_ids = completion_ids + [self.tok.eos_token_id]
         full = len(prompt_ids) + len(completion_ids)
-        if len(completion_ids) >= max_length:
-            completion_ids = completion_ids[: max_length // 2 - 1] + completion_ids[-1:]
+        prompt_ids = fit_prompt(prompt_ids, prompt_room(max_length, answer_tokens, self.seq2seq))
+        # a decoder holds prompt and completion in one row; an encoder-decoder's target has a row of its own
+        room = max_length if self.seq2seq else max_length - len(prompt_ids)
+        if len(completion_ids) > room:
+            completion_ids = completion_ids[: max(room - 1, 0)] + completion_ids[-1:]
+        cut = full - len(prompt_ids) - len(completion_ids)
         if self.seq2seq:  # the encoder reads the prompt, the decoder learns the whole completion
-            if len(prompt_ids) > max_length:
-                prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - max_length + 1:]
-            return Encoded(prompt_ids, completion_ids, pair.where, seq2seq=True,
-                           cut=full - len(prompt_ids) - len(completion_ids))
-        keep = max_length - len(completion_ids)
-        if len(prompt_ids) > keep:  # keep the end of the prompt: it holds the question and the answer cue
-            prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep + 1:]
-        return Encoded(prompt_ids + completion_ids, [IGNORE] * len(prompt_ids) + completion_ids, pair.where,
-                       cut=full - len(prompt_ids) - len(completion_ids))
+            return Encoded(prompt_ids, completion_ids, pair.where, seq2seq=True, cut=cut)
+        return Encoded(prompt_ids + completion_ids, [IGNORE] * len(prompt_ids) + completion_ids, pair.where, cut=cut)
+
+    def prompt_ids(self, text: str, answer_tokens: int) -> list[int]:
+        """A prompt's tokens at inference, cut exactly as training cut it (`max_length` of the training this format
+        renders for, None: the base model, nothing cut here)."""
+        ids = self.encode_prompt(text)
+        return ids if self.max_length is None else fit_prompt(ids, prompt_room(self.max_length, answer_tokens, self.seq2seq))
+
+    def prompts_cut(self, prompts: list[str], answer_tokens: int) -> int:
+        """How many of `prompts` inference cuts to fit training's `max_length` (for the report)."""
+        if self.max_length is None:
+            return 0
+        room = prompt_room(self.max_length, answer_tokens, self.seq2seq)
+        return sum(len(self.encode_prompt(p)) > room for p in prompts)
 
     def end_ids(self) -> set[int]:
         """Token ids that end a completion: EOS, and the chat template's end-of-turn token."""

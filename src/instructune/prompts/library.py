@@ -1,4 +1,4 @@
-"""The prompt template library: several phrasings for each of the five task types (FLAN-style paraphrases)."""
+"""The prompt template library: several phrasings for each task type (FLAN-style paraphrases)."""
 
 from __future__ import annotations
 
@@ -14,19 +14,8 @@ class Template:
     separator: str = "\n"
 
 
-# Variables each task type's built-in templates read, and the field that holds the answer.
-FIELDS = {
-    "classification": ("text", "label"),
-    "summarization": ("text", "summary"),
-    "translation": ("text", "translation"),
-    "qa": ("context", "question", "answer"),
-    "ner": ("text", "entities"),
-}
-DEFAULT_VARIABLES = {
-    "translation": {"source_lang": "English", "target_lang": "French"},
-    "ner": {"entity_types": ["person", "organization", "location"]},
-}
-
+# Named "<task type>/<phrasing>"; each task type (instructune/tasktypes.py) names its default among its own, and
+# its templates read the record fields it lists (inputs, then the answer) and its default `variables`.
 LIBRARY: dict[str, Template] = {
     # classification: `choices` is filled from the task's choices (default: the training labels)
     "classification/choices": Template(
@@ -77,14 +66,3 @@ LIBRARY: dict[str, Template] = {
         "Extract every {{ entity_types | join(', ') }} mentioned in the text.\n\nText: {{ text }}",
         "{{ entities | format_entities }}", "\nEntities: "),
 }
-
-DEFAULT_TEMPLATE = {
-    "classification": "classification/choices",
-    "summarization": "summarization/summarize",
-    "translation": "translation/translate",
-    "qa": "qa/read-answer",
-    "ner": "ner/identify",
-}
-
-# Default generation budget per task type (tokens); a task's `max_new_tokens` overrides it.
-MAX_NEW_TOKENS = {"classification": 8, "summarization": 48, "translation": 48, "qa": 16, "ner": 48}

@@ -16,17 +16,16 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import _PassArg
 from jinja2.visitor import NodeTransformer
 
+from .. import tasktypes
 from ..config import LimitsConfig, TaskConfig, TemplateConfig
 from ..data.load import Record
 from ..data.shapes import check_entities, check_messages, detect_shape, text_value
 from ..errors import InstructuneError
-from .library import DEFAULT_TEMPLATE, DEFAULT_VARIABLES, FIELDS, LIBRARY, Template
+from .library import LIBRARY, Template
 
 _DEFAULT_LIMITS = LimitsConfig()
 MAX_RANGE = 100_000  # longest range() a template may build (jinja2's own sandbox cap)
 MAX_POW_BITS = 100_000  # an integer power larger than this many bits is refused before it is computed
-# Answer fields where an integer is obviously meant (see data/shapes.py); everything else a template renders is text.
-INTEGER_ANSWERS = {"classification": ("label",), "qa": ("answer",)}
 
 
 @dataclass
@@ -316,7 +315,7 @@ class TaskTemplate:
         """Joins prompt and completion for plain (non-chat) models; may use the task's constant variables."""
         if self.template is None:
             return "\n"
-        ctx = {**DEFAULT_VARIABLES.get(self.type, {}), **self.variables}
+        ctx = {**tasktypes.get(self.type).variables, **self.variables}
         return self._render(self.template.separator, ctx, Record({}, f"tasks.{self.task}.template"), "separator")
 
     def to_dict(self) -> dict:
@@ -333,7 +332,7 @@ class TaskTemplate:
     def pair(self, record: Record) -> Pair:
         """The prompt→completion pair of a record; bad records fail here, naming the record's file and line."""
         if self.template is None:
-            pair = _shaped_pair(record, integer_ok=self.type in INTEGER_ANSWERS)
+            pair = _shaped_pair(record, integer_ok=tasktypes.get(self.type).integer_answer)
         else:
             ctx = self.context(record, need_answer=True)
             prompt = self._render(self.template.prompt, ctx, record, "prompt")
@@ -350,7 +349,7 @@ class TaskTemplate:
     def check_label(self, label: str, where: str) -> None:
         """A classification label must be one of the task's choices (compared without surrounding whitespace);
         `pair` checks this for choices given in the config, the caller for choices taken from the training labels."""
-        if self.type != "classification" or self.choices is None:
+        if not tasktypes.get(self.type).choices or self.choices is None:
             return
         if label.strip() not in {c.strip() for c in self.choices}:
             raise InstructuneError(f"label {label.strip()!r} is not among the task's choices {list(self.choices)}; "
@@ -368,7 +367,8 @@ class TaskTemplate:
 
     def context(self, record: Record, need_answer: bool = False) -> dict[str, Any]:
         """The template's variables for a record, each record field the template renders checked for its type."""
-        ctx = {**DEFAULT_VARIABLES.get(self.type, {}), **self.variables, **record.data}
+        kind = tasktypes.get(self.type)
+        ctx = {**kind.variables, **self.variables, **record.data}
         for var, name in self.fields.items():
             if name not in record.data:
                 raise InstructuneError(f"record has no field {name!r} (mapped to template variable {var!r}); "
@@ -377,21 +377,21 @@ class TaskTemplate:
         if self.choices is not None:
             ctx["choices"] = self.choices
         used = _variables(self.template.prompt) | _variables(self.template.completion)
-        answer = FIELDS[self.type][-1]
+        answer = kind.answer
         for var in sorted(used):
             name = self.fields.get(var, var)
             from_record = var in self.fields or (var in record.data and not (var == "choices" and self.choices))
             if var == answer and need_answer and not from_record:
-                what = "label" if self.type == "classification" else "answer"
+                what = "label" if kind.choices else "answer"
                 raise InstructuneError(f"no {what}: the record has no field {name!r}; its fields are "
                                        f"{sorted(record.data)}", record.where)
             if not from_record:
                 continue
             value = ctx[var]
-            if var == "entities" and self.type == "ner":
+            if var == answer and kind.entity_answer:
                 check_entities(value, name, record.where)
-            elif var in FIELDS[self.type]:
-                text_value(value, name, record.where, var in INTEGER_ANSWERS.get(self.type, ()), var != answer)
+            elif var == answer or var in kind.inputs:
+                text_value(value, name, record.where, var == answer and kind.integer_answer, var != answer)
             elif value is None:  # a field of the user's own template: any JSON value but null
                 raise InstructuneError(f"field {name!r} is null (the template renders it)", record.where)
         return ctx
@@ -416,7 +416,7 @@ class TaskTemplate:
 
     def answer_field(self) -> str:
         """The record field holding the label (for stratified splits and default choices)."""
-        name = FIELDS[self.type][-1]
+        name = tasktypes.get(self.type).answer
         return self.fields.get(name, name)
 
 
@@ -428,8 +428,7 @@ def _variables(source: str) -> frozenset[str]:
 
 def build_task_template(task: TaskConfig, shape: str, default_max_new_tokens: int,
                         limits: LimitsConfig | None = None) -> TaskTemplate:
-    from .library import MAX_NEW_TOKENS
-
+    kind = tasktypes.get(task.type)
     limits = limits or _DEFAULT_LIMITS
     template: Template | None
     if isinstance(task.template, TemplateConfig):
@@ -442,12 +441,12 @@ def build_task_template(task: TaskConfig, shape: str, default_max_new_tokens: in
                                    f"or give {{prompt, completion}}", f"tasks.{task.name}.template")
         template = LIBRARY[task.template]
     elif shape == "raw":
-        template = LIBRARY[DEFAULT_TEMPLATE[task.type]]
+        template = LIBRARY[kind.default_template]
     else:
         template = None
     return TaskTemplate(task=task.name, type=task.type, template=template, fields=dict(task.fields),
                         variables=dict(task.variables), choices=task.choices, system_prompt=task.system_prompt,
-                        max_new_tokens=task.max_new_tokens or MAX_NEW_TOKENS.get(task.type, default_max_new_tokens),
+                        max_new_tokens=task.max_new_tokens or kind.max_new_tokens or default_max_new_tokens,
                         max_render_chars=limits.max_render_chars, max_render_seconds=limits.max_render_seconds,
                         strict_choices=task.choices is not None)
 

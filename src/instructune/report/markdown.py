@@ -24,7 +24,10 @@ def _header(results: dict) -> list[str]:
                     f"({100 * m['trainable_parameters'] / m['total_parameters']:.2f} %)"
     return [f"# {results['experiment']}: base model vs fine-tuned", "",
             f"Model `{m['name']}`, {m['method']} fine-tuning{trainable}. All metrics are on the same test split; "
-            "scores are 0–1, changes are in points (×100) and in % of the best base variant's score.", "",
+            "scores are 0–1, changes are in points (×100) and in % of the best base variant's score."
+            + (" The fine-tuned model was evaluated as trained: the base in 4 bits with the adapter on top. Exports "
+               "add the adapter to the full-precision base instead; the GGUF/Ollama export's parity check lists the "
+               "answers that differ from the evaluated model." if m["method"] == "qlora" else ""), "",
             f"**{headline(results['tasks'])}**", ""]
 
 
@@ -51,6 +54,9 @@ def _task(name: str, t: dict, level: str) -> list[str]:
     lines += ["", f"Best base variant: `{t['best_base']}`. Answers by {' and '.join(modes)}"
               + (" (likelihood: the answer choice with the highest log-probability)" if "likelihood" in modes else
                  " (greedy)") + f". ✓/✗: the {level} interval of the change excludes zero.", ""]
+    if t.get("prompts_cut"):
+        lines.append(f"{t['prompts_cut']} of {t['n_test']} test prompts are longer than training's train.max_length "
+                     "allows: the fine-tuned model read them cut as training cut them (the first token and the end).")
     if t.get("classical"):
         c = t["change"]["classical"].get(t["primary_metric"], {})
         lines.append(f"Classical baseline: {t['classical']['method']} {t['classical'].get('params') or ''}; "

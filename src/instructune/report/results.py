@@ -3,14 +3,14 @@ intervals, training, perplexity, leakage and forgetting, assembled from what the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from .. import tasktypes
 from ..config import ExperimentConfig
 from ..errors import InstructuneError
-from ..evaluate.metrics import PRIMARY_METRIC
 from ..evaluate.stats import compare
-from ..io import read_json
+from ..io import read_json, read_jsonl
+from ..manifest import Manifest
 
 
 def change(base: float, tuned: float) -> dict:
@@ -24,9 +24,9 @@ def build_results(run_dir: Path, cfg: ExperimentConfig) -> dict:
     if not (run_dir / "finetuned.json").is_file():
         raise InstructuneError("finetuned.json is missing: run the earlier stages first (`instructune run`)", str(run_dir))
     finetuned, baseline = read_json(run_dir / "finetuned.json"), read_json(run_dir / "baseline.json")
-    manifest, stats = read_json(run_dir / "model" / "instructune.json"), read_json(run_dir / "data_stats.json")
+    manifest, stats = Manifest.read(run_dir / "model"), read_json(run_dir / "data_stats.json")
     boot = {"resamples": cfg.evaluate.bootstrap_resamples, "confidence": cfg.evaluate.confidence, "seed": cfg.seed}
-    saved = {**manifest.get("tasks", {}), **manifest.get("held_out_tasks", {})}
+    saved = manifest.templates(held_out=True)
     trained, held = {t.name: t.type for t in cfg.tasks}, {t.name: t.type for t in cfg.forgetting}
     tasks, forgetting, perplexity = {}, {}, {}
     for name, ft in finetuned.items():
@@ -36,7 +36,8 @@ def build_results(run_dir: Path, cfg: ExperimentConfig) -> dict:
         base, ft = dict(baseline.get(name, {})), dict(ft)
         ppl = {"base": base.pop("perplexity", None), "finetuned": ft.pop("perplexity", None)}
         variants = {**base, **ft}
-        changes = {v: _changes(kind, variants[v], variants["finetuned"], saved.get(name, {}).get("choices"), boot)
+        choices = saved[name].choices if name in saved else None
+        changes = {v: _changes(kind, variants[v], variants["finetuned"], choices, boot)
                    for v in variants if v.startswith("base_") or v == "classical"}
         if name in held:
             if "base_0shot" in changes:
@@ -45,21 +46,19 @@ def build_results(run_dir: Path, cfg: ExperimentConfig) -> dict:
         if ppl["base"] is not None or ppl["finetuned"] is not None:
             perplexity[name] = ppl
         tasks[name] = _task(kind, variants, changes, stats.get(name, {}), cfg.evaluate.samples)
-    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()] \
-        if (run_dir / "train_log.jsonl").is_file() else []
     results = {
         "experiment": cfg.name,
-        "model": {"name": cfg.model.name, "source": manifest.get("base_model"),
-                  "method": manifest.get("method", cfg.train.method),  # how the evaluated model was trained
-                  "trainable_parameters": manifest.get("trainable_parameters"), "total_parameters": manifest.get("total_parameters")},
+        "model": {"name": cfg.model.name, "source": manifest.base_model,
+                  "method": manifest.method or cfg.train.method,  # how the evaluated model was trained
+                  "trainable_parameters": manifest.trainable_parameters, "total_parameters": manifest.total_parameters},
         "tasks": tasks,
         "statistics": {"method": "paired bootstrap over test items (Koehn 2004); corpus metrics recomputed from "
                                  "sufficient statistics on every resample", **boot},
-        "training": _training(log, manifest),
+        "training": _training(read_jsonl(run_dir / "train_log.jsonl"), manifest.audit),
         "perplexity": perplexity,
         "leakage": {n: s["leakage"] for n, s in stats.items() if s.get("leakage") is not None},
-        "data_fingerprint": manifest.get("data_fingerprint"),
-        "versions": manifest.get("versions"),
+        "data_fingerprint": manifest.data_fingerprint,
+        "versions": manifest.versions,
     }
     if held:
         results["forgetting"] = {"tasks": forgetting}
@@ -68,7 +67,7 @@ def build_results(run_dir: Path, cfg: ExperimentConfig) -> dict:
 
 def _task(kind: str, variants: dict, changes: dict, stats: dict, samples: int) -> dict:
     """One trained task: every variant's metrics, the change of the fine-tuned model against each base variant."""
-    primary = PRIMARY_METRIC[kind]
+    primary = tasktypes.get(kind).primary_metric
     base_names = [v for v in variants if v.startswith("base_")]
     best_base = max(base_names, key=lambda v: variants[v]["metrics"][primary]) if base_names else None
     tuned = variants["finetuned"]["metrics"]
@@ -86,6 +85,7 @@ def _task(kind: str, variants: dict, changes: dict, stats: dict, samples: int) -
         "beats_classical": tuned[primary] > variants["classical"]["metrics"][primary] if "classical" in variants else None,
         "best_prompt": variants["base_best_prompt"].get("choice") if "base_best_prompt" in variants else None,
         "n_test": len(variants["finetuned"]["predictions"]),
+        "prompts_cut": variants["finetuned"].get("prompts_cut", 0),  # to training's max_length, as training cut them
         "samples": _samples(variants, samples),
         "token_lengths": stats.get("token_lengths"),
         "split_sizes": stats.get("sizes"),
@@ -94,18 +94,18 @@ def _task(kind: str, variants: dict, changes: dict, stats: dict, samples: int) -
 
 def _forgetting(kind: str, variants: dict, change_0shot: dict) -> dict:
     """A held-out task: its primary metric zero-shot before and after fine-tuning."""
-    primary = PRIMARY_METRIC[kind]
+    primary = tasktypes.get(kind).primary_metric
     return {"type": kind, "metric": primary, "before": variants["base_0shot"]["metrics"][primary],
             "after": variants["finetuned"]["metrics"][primary], "change": change_0shot[primary],
             "results": {v: variants[v]["metrics"] for v in ("base_0shot", "finetuned")}}
 
 
-def _training(log: list[dict], manifest: dict) -> dict:
+def _training(log: list[dict], audit: dict | None) -> dict:
     steps = [e for e in log if "loss" in e]
     return {"steps": steps[-1]["step"] if steps else 0, "final_loss": steps[-1]["loss"] if steps else None,
             "val_loss": [{"step": e["step"], "val_loss": e["val_loss"]} for e in log if "val_loss" in e],
             "tokens_per_s": steps[-1].get("tokens_per_s") if steps else None,
-            "masking_audit": manifest.get("audit"), "log": log}
+            "masking_audit": audit, "log": log}
 
 
 def _changes(kind: str, base: dict, tuned: dict, choices, boot: dict) -> dict:

@@ -4,12 +4,13 @@ what they belong to (config, data, base model, trainable shapes), checked before
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 
 from ..errors import InstructuneError
-from ..io import replaced_folder
+from ..io import old_copy, replaced_folder
 from ..rundir import differences
 
 
@@ -32,10 +33,16 @@ def newest_checkpoint(folder: Path | None) -> Path | None:
     """The checkpoint to resume from: `folder`, or `<folder>.old` when a kill came between the two renames."""
     if folder is None:
         return None
-    for candidate in (Path(folder), Path(folder).with_name(Path(folder).name + ".old")):
+    for candidate in (Path(folder), old_copy(folder)):
         if (candidate / "state.pt").is_file():
             return candidate
     return None
+
+
+def remove_checkpoints(folder: Path) -> None:
+    """Once the finished model is saved it replaces them: the checkpoint and the previous one kept beside it."""
+    for path in (Path(folder), old_copy(folder)):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def check_meta(folder: Path, meta: dict) -> None:
@@ -74,7 +81,7 @@ def load_checkpoint(folder: Path, named, optimizer, scheduler) -> tuple[dict, di
 
 def damaged(folder: Path, why: str) -> InstructuneError:
     """The error for an unreadable checkpoint (either layout), offering `<folder>.old` when it is complete."""
-    old = folder.with_name(folder.name + ".old")
+    old = old_copy(folder)
     offer = ""
     if folder != old and (old / "state.pt").is_file():
         offer = f"; the previous complete checkpoint is {old}: delete {folder} to resume from it"

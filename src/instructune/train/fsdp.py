@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig
+from ..config import TrainConfig, fsdp_clash
 from ..errors import InstructuneError
 from ..io import replaced_folder
+from ..models import quiet_peft
 from ..runtime import check_launcher, say, warn
 from .checkpoint import damaged
 
@@ -24,6 +25,8 @@ def wanted(cfg: TrainConfig, world: int) -> bool:
 def check_supported(model, cfg: TrainConfig, score_fn) -> None:
     """Refuse, by name, what the sharded path does not do yet. (A shared prompt prefix is computed in the same pass
     as the rows, or not shared: `Plan.two_pass`.)"""
+    if clash := fsdp_clash(cfg):
+        raise InstructuneError(clash, "train.strategy")
     if score_fn is not None:  # generation stops on each process's own outputs: a differing count of collectives hangs
         raise InstructuneError("train.eval_metric (scoring by generation during training) is not supported with "
                                "train.strategy: fsdp yet; use the validation loss (eval_metric: false) or strategy ddp",
@@ -166,7 +169,8 @@ def _plain_copy(model, full: dict):
             from peft import get_peft_model
 
             base = model.get_base_model()
-            plain = get_peft_model(_unsharded_class(base)(base.config), model.peft_config[model.active_adapter])
+            with quiet_peft():
+                plain = get_peft_model(_unsharded_class(base)(base.config), model.peft_config[model.active_adapter])
         else:
             plain = _unsharded_class(model)(model.config)
     plain.load_state_dict(full, assign=True)

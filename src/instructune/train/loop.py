@@ -1,4 +1,5 @@
-"""The training loop: batches → step → log → validate → checkpoint (AdamW, warm-up then linear decay)."""
+"""The training loop: batches → step → log → validate → checkpoint (optimizer and schedule: `optim.py`; how the
+processes share the work: `strategy.py`)."""
 
 from __future__ import annotations
 
@@ -20,16 +21,18 @@ from ..io import atomic_write
 from ..prompts.format import Encoded
 from ..runtime import autocast, distributed, grouped_kv_heads
 from .batching import length_grouped_batches, split_by_tokens
-from . import fsdp, memory
-from .checkpoint import check_meta, load_checkpoint, newest_checkpoint, save_checkpoint
+from . import memory
+from .checkpoint import check_meta, newest_checkpoint
 from .collate import collate
 from .loss import completion_loss_sum, to_device, validation_loss
+from .optim import make_optimizer
+from .strategy import Strategy, strategy_for
 
 
 def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainConfig, pad_id: int, seed: int, *,
           log_path: Path | None = None, checkpoint_dir: Path | None = None, resume: bool = False,
           tensorboard_dir: Path | None = None, score_fn=None, checkpoint_meta: dict | None = None,
-          measured: dict | None = None) -> list[dict]:
+          measured: dict | None = None, strategy: Strategy | None = None) -> list[dict]:
     """Supervised fine-tuning on completion tokens; returns the log (one dict per optimizer step).
 
     Each optimizer step takes `batch_size * grad_accum` length-grouped examples in `grad_accum` micro-batches, a
@@ -41,22 +44,23 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
 
     At each validation, `score_fn(model) -> float` (higher is better: the task metric by generation) is logged as
     `val_metric`; it (or else the validation loss) decides the best step, early stopping and, with `keep_best`, the
-    weights kept. Several processes: DDP or FSDP (see `wrap`). `measured` gets `memory.measured`'s figures."""
+    weights kept. Several processes: DDP or FSDP (`strategy`, by default `strategy_for` the config and process
+    count). `measured` gets `memory.measured`'s figures."""
     device = next(model.parameters()).device
     with grouped_kv_heads(device):
         torch.manual_seed(seed)
         rank, world = distributed()
-        ddp, sharded = wrap(model, cfg, world, score_fn)
+        strategy = strategy or strategy_for(cfg, world, model, score_fn)
+        forward = strategy.wrap(model)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # FSDP: this process's shards
-        plan = Plan(train_set, cfg, pad_id, seed, world, attention_window(model), takes_4d_mask(model), not sharded)
+        plan = Plan(train_set, cfg, pad_id, seed, world, attention_window(model), takes_4d_mask(model), strategy.two_pass)
         optimizer, scheduler = make_optimizer([p for _, p in named], cfg, plan.total_steps, device)
         best, progress = Best(cfg), Progress()
         meta = {**(checkpoint_meta or {}), "total_steps": plan.total_steps, "processes": world,
-                "trainable": {n: list(p.shape) for n, p in named}, **({"strategy": "fsdp"} if sharded else {})}
+                "trainable": {n: list(p.shape) for n, p in named}, **strategy.meta}
         if resume and (found := newest_checkpoint(checkpoint_dir)):
             check_meta(found, meta)
-            state, best.weights = (fsdp.load_sharded(found, model, optimizer, scheduler, named) if sharded
-                                   else load_checkpoint(found, named, optimizer, scheduler))
+            state, best.weights = strategy.load_checkpoint(found, model, named, optimizer, scheduler)
             progress.restore(state)
             best.state = state.get("best", best.state)
         log = TrainLog(log_path if rank == 0 else None, tensorboard_dir if rank == 0 else None, progress.step, resume)
@@ -65,17 +69,16 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
         bar = tqdm(total=plan.total_steps, initial=progress.step, desc="fine-tuning", unit="step",
                    dynamic_ncols=True, disable=rank > 0)
         for group in plan.groups(progress.step):
-            loss, tokens = train_step(model, ddp, plan.passes(group, rank, device), world, cfg, device)
+            loss, tokens = train_step(forward, strategy, plan.passes(group, rank, device), world, cfg, device)
             diverged(progress.step + 1, "loss", loss)
             optimizer_step(named, optimizer, scheduler, cfg.max_grad_norm, progress.step + 1)
             entry = progress.advance(loss, tokens, scheduler.get_last_lr()[0], plan.steps_per_epoch)
             if val_set and plan.validates(entry["step"]):
                 validate(model, val_set, pad_id, cfg, score_fn, entry, best, named)
             log.record(entry)
-            if (rank == 0 or sharded) and checkpoint_dir is not None and plan.checkpoints(entry["step"]):
-                save = fsdp.save_sharded if sharded else save_checkpoint  # FSDP: every process writes its shards
-                save(checkpoint_dir, model if sharded else named, optimizer, scheduler,
-                     {**progress.state(), "best": best.state}, best.weights, meta)
+            if strategy.writes(rank) and checkpoint_dir is not None and plan.checkpoints(entry["step"]):
+                strategy.save_checkpoint(checkpoint_dir, model, named, optimizer, scheduler,
+                                         {**progress.state(), "best": best.state}, best.weights, meta)
             bar.update(1)
             bar.set_postfix({k: f"{entry[k]:.4g}" for k in ("loss", "val_loss", "val_metric", "tokens_per_s") if k in entry})
             if entry.get("early_stop"):
@@ -86,17 +89,6 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
         if measured is not None:
             measured.update(memory.measured(model, optimizer, device, world))
         return log.entries
-
-
-def wrap(model, cfg: TrainConfig, world: int, score_fn) -> tuple[object, bool]:
-    """(the DDP wrapper or None, whether sharded): several processes replicate the model under DDP, or shard it in
-    place under FSDP (`train.strategy: fsdp`, or an `accelerate launch` FSDP config): then every process writes its
-    shards of each checkpoint, and `fsdp.gathered` makes the model whole for saving. One process: the model as it is."""
-    if fsdp.wanted(cfg, world):
-        fsdp.check_supported(model, cfg, score_fn)
-        fsdp.shard(model, cfg.bf16, world)
-        return None, True
-    return (torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None), False
 
 
 @dataclass
@@ -138,9 +130,11 @@ class Plan:
     world: int
     window: int | None
     fused: bool
-    two_pass: bool = True  # the shared prefix as a pass of its own (not under FSDP; see `collate`)
+    two_pass: bool = True  # the shared prefix as a pass of its own (`strategy.two_pass`; see `collate`)
 
     def __post_init__(self):
+        # checkpointed layers keep no KV cache in training: the prefix cannot run as a pass of its own
+        self.two_pass = self.two_pass and not self.cfg.gradient_checkpointing
         self.lengths = [len(e.input_ids) for e in self.examples]
         self.supervised = [e.n_supervised for e in self.examples]
         self.per_step = self.cfg.batch_size * self.cfg.grad_accum * self.world  # the global batch
@@ -182,26 +176,17 @@ class Plan:
         return micro, weight, n_supervised
 
 
-def make_optimizer(params: list, cfg: TrainConfig, total_steps: int, device):
-    """AdamW and a schedule of linear warm-up then linear decay to zero."""
-    # the fused kernel updates all (LoRA: hundreds of small) tensors in one pass: ~4x faster steps than foreach on a CPU
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  fused=device.type in ("cpu", "cuda") and all(p.dtype.is_floating_point for p in params))
-    warmup = int(total_steps * cfg.warmup_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
-    return optimizer, scheduler
-
-
-def train_step(model, ddp, passes: tuple[list[dict], float, int], world: int, cfg: TrainConfig, device) -> tuple[float, int]:
-    """Forward and backward over one step's passes (gradients summed); returns the step's loss and tokens."""
+def train_step(forward, strategy: Strategy, passes: tuple[list[dict], float, int], world: int, cfg: TrainConfig,
+               device) -> tuple[float, int]:
+    """Forward (on `forward`, the module the strategy wrapped) and backward over one step's passes (gradients
+    summed, exchanged between processes at the last); returns the step's loss and tokens."""
     micro, weight, n_supervised = passes
     loss_value, step_tokens = 0.0, 0
     for j, m in enumerate(micro):
-        sync = ddp.no_sync() if ddp is not None and j < len(micro) - 1 else contextlib.nullcontext()
+        sync = strategy.no_sync() if j < len(micro) - 1 else contextlib.nullcontext()
         with sync:
             with autocast(cfg.bf16, device):
-                loss = completion_loss_sum(ddp or model, m) * (weight / n_supervised)
+                loss = completion_loss_sum(forward, m) * (weight / n_supervised)
             loss.backward()
         loss_value += loss.item() / world
         step_tokens += m["n_tokens"] if weight else 0

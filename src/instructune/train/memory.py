@@ -4,6 +4,10 @@ longest training batch, before a run spends anything.
 
 The accounting (bytes per process, N processes, P parameters of which T are trained):
   weights     P x 4 (fp32; LoRA under train.bf16: the frozen P - T in bf16, x 2)      FSDP: / N
+              QLoRA: each linear weight of n values that loads in 4 bits holds n / 2 bytes of packed data, one
+              scale per block of 64 (fp32; double quantization: 1 byte, plus an fp32 scale and a 256-value code
+              per weight for those), the 16-value code and an offset (`four_bit_bytes`, checked against what
+              bitsandbytes holds); the other frozen weights as LoRA's
   gradients   T x 4, and under DDP with N > 1 the same again for its reduction buckets  FSDP: / N
   optimizer   T x 8 (AdamW's two moments, fp32)                                         FSDP: / N
   gathered    FSDP only: the full weights of the units in flight (the root unit — embeddings, final norm — and
@@ -13,7 +17,10 @@ The accounting (bytes per process, N processes, P parameters of which T are trai
               resident; a GPU's caching allocator keeps it reserved)
   activations what backward keeps per token and layer, x the tokens of the largest pass, plus the logits at the
               supervised positions (the loss takes them nowhere else) and their softmax and gradient; full
-              fine-tuning under bf16 also autocast's bf16 copies of the fp32 weights (not under FSDP)
+              fine-tuning under bf16 also autocast's bf16 copies of the fp32 weights (not under FSDP); QLoRA also
+              the largest 4-bit weight dequantized for its matmul. With train.gradient_checkpointing only each
+              layer's input is kept (hidden values per token and layer), and one layer's activations at a time
+              are recomputed in backward (`activation_parts`)
   runtime     the process itself (the framework, the tokenizer, the data): measured here, 0.5 GB
 The peak is weights + optimizer + gathered + loading + runtime + the larger of activations and gradients (backward frees
 the one as it fills the other; `set_to_none` frees gradients before the next forward). Checked against measured
@@ -47,6 +54,7 @@ class Shape:
     hidden: int
     mlp: int
     vocab: int
+    quantized: tuple[int, ...] = ()  # QLoRA: the values of each linear weight that loads in 4 bits
 
 
 @dataclass
@@ -76,7 +84,8 @@ class Footprint:
 
 def model_shape(config, method: str, lora=None) -> Shape:
     """Counts from a transformers config: the model is built on the meta device (no memory, no weights read) and,
-    for LoRA, wrapped by peft exactly as training wraps it."""
+    for LoRA and QLoRA, wrapped by peft exactly as training wraps it (PiSSA/OLoRA factors have the same shapes as
+    the default initialisation, which needs no decomposition of meta weights)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -84,10 +93,11 @@ def model_shape(config, method: str, lora=None) -> Shape:
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers a deprecated question
         model = cls.from_config(config)
-        if method == "lora":
+        quantized = tuple(m.weight.numel() for m in four_bit_linears(model)) if method == "qlora" else ()
+        if method in ("lora", "qlora"):
             from ..models import wrap_lora
 
-            model = wrap_lora(model, lora)
+            model = wrap_lora(model, lora.model_copy(update={"init": "default"}))
     names = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
@@ -101,7 +111,44 @@ def model_shape(config, method: str, lora=None) -> Shape:
         layer=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
         layers=len(blocks), hidden=hidden,
         mlp=getattr(text, "intermediate_size", None) or getattr(text, "d_ff", None) or 4 * hidden,
-        vocab=getattr(text, "vocab_size", 0))
+        vocab=getattr(text, "vocab_size", 0), quantized=quantized)
+
+
+def four_bit_linears(model) -> list:
+    """The linear layers transformers' bitsandbytes quantizer replaces by 4-bit ones (all but the output head, tied
+    weights and the model's fp32 modules), chosen by its own rules, so the plan needs no bitsandbytes."""
+    from torch import nn
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    keep = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+    return [m for name, m in model.named_modules() if type(m) is nn.Linear and should_convert_module(name, keep)]
+
+
+def four_bit_bytes(values: int, double_quant: bool) -> int:
+    """What bitsandbytes holds for one 4-bit weight of `values` values (blocks of 64): the packed data, the
+    16-value code and, per block, an fp32 scale; with double quantization a 1-byte scale per block, then an fp32
+    scale per 256 blocks, an fp32 offset and the 256-value fp32 code of those second-level scales."""
+    blocks = -(-values // 64)
+    scales = blocks + -(-blocks // 256) * 4 + 4 + 256 * 4 if double_quant else blocks * 4
+    return -(-values // 2) + 16 * 4 + scales
+
+
+def activation_parts(shape: Shape, tokens: int, supervised: int, bf16: bool = False,
+                     checkpointing: bool = False) -> dict:
+    """Bytes of activations at backward's peak for a pass of `tokens` tokens: what the decoder layers keep (all of
+    their activations, or with checkpointing only each layer's input), what backward recomputes (one layer's
+    activations, checkpointing only) and the logits at the `supervised` positions with their softmax and gradient."""
+    act_bytes = 2 if bf16 else 4
+    per_layer = (PER_TOKEN_LAYER[0] * shape.hidden + PER_TOKEN_LAYER[1] * shape.mlp) * tokens * act_bytes
+    kept = shape.layers * tokens * shape.hidden * act_bytes if checkpointing else shape.layers * per_layer
+    return {"layers": kept, "recomputed": per_layer if checkpointing else 0, "logits": supervised * shape.vocab * 4 * 3}
+
+
+def plan_options(train) -> dict:
+    """`footprint`'s keyword arguments from a `TrainConfig`: what changes the bytes besides the model and the data."""
+    return {"method": train.method, "bf16": train.bf16, "double_quant": train.double_quant,
+            "checkpointing": train.gradient_checkpointing}
 
 
 def pass_size(lengths: list[int], supervised: list[int], batch_size: int, pass_tokens: int) -> tuple[int, int]:
@@ -116,17 +163,18 @@ def pass_size(lengths: list[int], supervised: list[int], batch_size: int, pass_t
 
 
 def footprint(shape: Shape, strategy: str, processes: int, tokens: int, supervised: int, *, method: str = "lora",
-              bf16: bool = False, whole_load: bool = True) -> Footprint:
+              bf16: bool = False, whole_load: bool = True, double_quant: bool = True,
+              checkpointing: bool = False) -> Footprint:
     """Bytes per process for one strategy (see the module's accounting). `whole_load=False`: as if each process
     loaded only its shards (what FSDP itself needs; instructune loads the whole model first)."""
-    frozen = shape.parameters - shape.trainable
-    weight_bytes = 2 if (bf16 and method == "lora") else 4
-    weights = frozen * weight_bytes + shape.trainable * 4
+    frozen = shape.parameters - shape.trainable - sum(shape.quantized)
+    weight_bytes = 2 if (bf16 and method in ("lora", "qlora")) else 4
+    weights = (frozen * weight_bytes + shape.trainable * 4
+               + sum(four_bit_bytes(n, double_quant) for n in shape.quantized))
     gradients = shape.trainable * 4
     optimizer = shape.trainable * 8
-    act_bytes = 2 if bf16 else 4
-    per_token = (PER_TOKEN_LAYER[0] * shape.hidden + PER_TOKEN_LAYER[1] * shape.mlp) * shape.layers
-    activations = tokens * per_token * act_bytes + supervised * shape.vocab * 4 * 3
+    activations = sum(activation_parts(shape, tokens, supervised, bf16, checkpointing).values())
+    activations += max(shape.quantized, default=0) * (2 if bf16 else 4)  # a 4-bit weight dequantized for its matmul
     gathered = loading = 0
     if strategy == "fsdp" and processes > 1:
         loading = weights if whole_load else 0  # the whole model as loaded: sharding copies out the shard, frees it
@@ -204,7 +252,7 @@ def measured(model, optimizer, device, world: int) -> dict:
         return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this process
 
     params = {id(p): p for p in model.parameters()}.values()
-    mine = {"weights": sum(local(p).numel() * p.element_size() for p in params),
+    mine = {"weights": sum(local(p).numel() * p.element_size() for p in params) + quant_state_bytes(params),
             "gradients": sum(local(p).numel() * p.element_size() for p in params if p.requires_grad),
             "optimizer": sum(local(v).numel() * v.element_size() for s in optimizer.state.values()
                              for v in s.values() if torch.is_tensor(v) and v.dim() > 0),
@@ -214,3 +262,18 @@ def measured(model, optimizer, device, world: int) -> dict:
     every = [None] * world
     torch.distributed.all_gather_object(every, mine)
     return {k: [m[k] for m in every] for k in mine}
+
+
+def quant_state_bytes(params) -> int:
+    """The bytes of the quantization constants of 4-bit weights (bitsandbytes' `quant_state`: scales, codes,
+    offset; the packed data is the parameter itself), each tensor once."""
+    import torch
+
+    seen = {}
+    for p in params:
+        state = getattr(p, "quant_state", None)
+        for owner in (state, getattr(state, "state2", None)):
+            for t in vars(owner).values() if owner is not None else ():
+                if torch.is_tensor(t):
+                    seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())

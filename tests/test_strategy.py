@@ -1,0 +1,134 @@
+"""How training is run, chosen once: the strategy for one process, DDP and FSDP (`train/strategy.py`), the optimizer
+and learning-rate schedules named in the config (`train/optim.py`), and the checkpoints removed after the save."""
+
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from conftest import tiny_config, write_config
+from instructune.config import TrainConfig, load_config
+from instructune.errors import InstructuneError
+from instructune.io import old_copy, replaced_folder
+from instructune.train.checkpoint import newest_checkpoint, remove_checkpoints
+from instructune.train.optim import OPTIMIZERS, SCHEDULES, lr_factor, make_optimizer
+from instructune.train.strategy import DDP, FSDP, Single, strategy_for
+
+
+def _lrs(scheduler: str, total: int = 10, warmup_ratio: float = 0.2, lr: float = 0.1) -> list[float]:
+    """The learning rate each of `total` optimizer steps (0-based) trains with."""
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer, schedule = make_optimizer([param], TrainConfig(lr=lr, warmup_ratio=warmup_ratio, scheduler=scheduler),
+                                         total, torch.device("cpu"))
+    rates = []
+    for _ in range(total):
+        rates.append(optimizer.param_groups[0]["lr"])
+        param.grad = torch.zeros(3)
+        optimizer.step()
+        schedule.step()
+    return rates
+
+
+# 10 steps, warm-up int(10 * 0.2) = 2 steps: 1/3 and 2/3 of the peak, then the peak at step 2
+@pytest.mark.parametrize("name, expected", [
+    ("linear", {0: 1 / 3, 1: 2 / 3, 2: 1.0, 3: 7 / 8, 6: 4 / 8, 9: 1 / 8}),  # (10 - s) / 8: zero just after the last
+    ("cosine", {0: 1 / 3, 1: 2 / 3, 2: 1.0, 4: 0.5 * (1 + math.cos(math.pi / 4)), 6: 0.5,
+                9: 0.5 * (1 + math.cos(7 * math.pi / 8))}),
+    ("constant", {0: 1 / 3, 1: 2 / 3, 2: 1.0, 5: 1.0, 9: 1.0}),
+])
+def test_each_schedule_warms_up_then_follows_its_curve(name, expected):
+    rates = _lrs(name)
+    for step, share in expected.items():
+        assert rates[step] == pytest.approx(0.1 * share, rel=1e-12), (name, step)
+    assert max(rates) == pytest.approx(0.1)
+    if name != "constant":  # decaying from step 2 on
+        assert all(a > b for a, b in zip(rates[2:], rates[3:]))
+
+
+def test_cosine_values_by_hand():
+    assert lr_factor("cosine", 4, 10, 2) == pytest.approx(0.8535533905932737)
+    assert lr_factor("cosine", 9, 10, 2) == pytest.approx(0.03806023374435663)
+    assert lr_factor("cosine", 10, 10, 2) == pytest.approx(0.0)
+    assert lr_factor("cosine", 0, 10, 0) == 1.0  # no warm-up: the peak at once
+
+
+def test_the_default_linear_schedule_is_bit_identical_to_the_earlier_formula():
+    def earlier(s, total, warmup):  # the loop's schedule before train.scheduler existed
+        return (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+
+    assert TrainConfig().scheduler == "linear" and TrainConfig().optimizer == "adamw"
+    for total in (1, 2, 5, 7, 40, 333):
+        for ratio in (0.0, 0.05, 0.1, 0.5, 0.99):
+            warmup = int(total * ratio)
+            assert [lr_factor("linear", s, total, warmup) for s in range(total + 1)] == \
+                [earlier(s, total, warmup) for s in range(total + 1)]
+
+
+def test_the_optimizer_is_fused_adamw_with_the_configured_decay():
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer, _ = make_optimizer([param], TrainConfig(lr=0.01, weight_decay=0.1), 5, torch.device("cpu"))
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"]
+    assert optimizer.defaults["lr"] == 0.01 and optimizer.defaults["weight_decay"] == 0.1
+
+
+def test_the_config_accepts_exactly_the_tables_names():
+    for key, table in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULES)):
+        accepted = TrainConfig.model_fields[key].annotation.__args__
+        assert set(accepted) == set(table), key
+        assert TrainConfig.model_fields[key].description  # documented like the other train keys
+
+
+@pytest.mark.parametrize("key, bad", [("optimizer", "sgd"), ("scheduler", "step"), ("scheduler", "Linear")])
+def test_an_unknown_optimizer_or_scheduler_is_refused_naming_the_key(tmp_path, tiny_model, key, bad):
+    with pytest.raises(ValidationError) as e:
+        TrainConfig(**{key: bad})
+    assert e.value.errors()[0]["loc"] == (key,)
+    config = write_config(tmp_path, tiny_config(tmp_path, tiny_model))
+    with pytest.raises(InstructuneError) as e:
+        load_config(config, [f"train.{key}={bad}"])
+    assert f"(train.{key})" in e.value.where and repr(bad) in str(e.value)
+
+
+def test_one_process_trains_the_model_as_it_is():
+    for cfg in (TrainConfig(), TrainConfig(strategy="fsdp")):  # one process has nothing to shard with
+        strategy = strategy_for(cfg, 1, None, None)
+        assert type(strategy) is Single
+    model = torch.nn.Linear(2, 2)
+    assert strategy.wrap(model) is model and strategy.gather(model) is model
+    assert strategy.plan_name == "ddp" and strategy.two_pass and strategy.meta == {}
+    assert strategy.writes(0) and not strategy.writes(1)
+    with strategy.no_sync():
+        pass
+
+
+def test_several_processes_replicate_under_ddp_and_shard_under_fsdp(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    ddp = strategy_for(TrainConfig(), 2, None, None)
+    assert type(ddp) is DDP and ddp.plan_name == "ddp" and ddp.two_pass and ddp.meta == {}
+    assert ddp.writes(0) and not ddp.writes(1)  # every replica holds the same weights: process 0 writes
+    sharded = strategy_for(TrainConfig(strategy="fsdp", bf16=True), 4, None, None)
+    assert type(sharded) is FSDP and (sharded.bf16, sharded.world) == (True, 4)
+    assert sharded.plan_name == "fsdp" and not sharded.two_pass and sharded.meta == {"strategy": "fsdp"}
+    assert sharded.writes(0) and sharded.writes(3)  # each process writes its own shards
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # `accelerate launch --use_fsdp`: the config need not say
+    assert type(strategy_for(TrainConfig(), 2, None, None)) is FSDP
+
+
+def test_fsdp_refuses_what_it_cannot_do_when_chosen():
+    with pytest.raises(InstructuneError, match="eval_metric") as e:
+        strategy_for(TrainConfig(strategy="fsdp", eval_metric=True), 2, None, lambda m: 0.0)
+    assert e.value.where == "train.strategy"
+    assert type(strategy_for(TrainConfig(eval_metric=True), 2, None, lambda m: 0.0)) is DDP
+
+
+def test_the_checkpoint_and_its_previous_copy_are_removed_after_the_save(tmp_path):
+    folder = tmp_path / "checkpoint"
+    for step in (1, 2):  # the second save keeps the first as the previous copy
+        with replaced_folder(folder, keep_old=True) as tmp:
+            (tmp / "state.pt").write_text(str(step))
+    assert old_copy(folder) == tmp_path / "checkpoint.old" and old_copy(folder).is_dir()
+    assert newest_checkpoint(folder) == folder
+    remove_checkpoints(folder)
+    assert not folder.exists() and not old_copy(folder).exists() and newest_checkpoint(folder) is None
+    remove_checkpoints(folder)  # nothing left: nothing to do
