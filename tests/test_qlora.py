@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import tiny_config, write_config
+from conftest import BLOCK_AFTER_CHECKPOINT, tiny_config, write_config
 from instructune.cli import app
 from instructune.config import ExperimentConfig, load_config
 from instructune.errors import InstructuneError
@@ -152,33 +152,6 @@ def test_gguf_export_of_a_qlora_run(qlora_run, tmp_path):
     _assert_same_logits(back, merged, 1e-4)
 
 
-# Runs the CLI with save_checkpoint patched: once step STOP's checkpoint is written whole it drops a marker and
-# blocks, so the test kills a run that is certainly mid-training (as tests/test_training.py does for LoRA).
-_BLOCK_AFTER_CHECKPOINT = """
-import sys, time
-from pathlib import Path
-
-import instructune.train.checkpoint as checkpoint
-
-STOP, marker, config = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-real_save = checkpoint.save_checkpoint
-
-
-def save_then_block(folder, named, optimizer, scheduler, state, *args, **kwargs):
-    real_save(folder, named, optimizer, scheduler, state, *args, **kwargs)
-    if state["step"] == STOP:
-        marker.write_text(str(STOP))
-        time.sleep(3600)
-
-
-checkpoint.save_checkpoint = save_then_block
-from instructune.cli import main
-
-sys.argv = ["instructune", "train", config]
-main()
-"""
-
-
 @needs_bitsandbytes
 def test_qlora_resumes_bit_identically_after_sigkill(tmp_path, tiny_model):
     """The 4-bit base is quantized again on resume, identically: the resumed losses equal the uninterrupted run's."""
@@ -190,7 +163,7 @@ def test_qlora_resumes_bit_identically_after_sigkill(tmp_path, tiny_model):
     expected = [json.loads(line)["loss"] for line in open(tmp_path / "a" / "run" / "train_log.jsonl")]
     config = write_config(tmp_path, tiny_config(tmp_path / "b", tiny_model, n_train=24, **common), "cut.yaml")
     marker, wrapper = tmp_path / "checkpoint-3-written", tmp_path / "block.py"
-    wrapper.write_text(_BLOCK_AFTER_CHECKPOINT)
+    wrapper.write_text(BLOCK_AFTER_CHECKPOINT)
     proc = subprocess.Popen([sys.executable, str(wrapper), "3", str(marker), str(config)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from conftest import LOSS_RTOL, WEIGHT_RTOL, loss_gap, processes_with_a_gpu_each, tiny_config, weights_gap, write_config
+from conftest import (BLOCK_AFTER_CHECKPOINT, LOSS_RTOL, WEIGHT_RTOL, loss_gap, processes_with_a_gpu_each, tiny_config,
+                      weights_gap, write_config)
 from instructune.config import ExperimentConfig
 from instructune.models import load_model
 from instructune.tasks import prepare
@@ -63,33 +64,6 @@ def _train_cli(config, *extra):
     return [sys.executable, "-m", "instructune.cli", "train", str(config), *extra]
 
 
-# Runs the real CLI with save_checkpoint patched: once the checkpoint of step STOP is written whole, it drops a marker
-# and blocks, so the test kills a run that is certainly mid-training, however fast the machine.
-_BLOCK_AFTER_CHECKPOINT = """
-import sys, time
-from pathlib import Path
-
-import instructune.train.checkpoint as checkpoint
-
-STOP, marker, config = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-real_save = checkpoint.save_checkpoint
-
-
-def save_then_block(folder, named, optimizer, scheduler, state, *args, **kwargs):
-    real_save(folder, named, optimizer, scheduler, state, *args, **kwargs)
-    if state["step"] == STOP:
-        marker.write_text(str(STOP))
-        time.sleep(3600)
-
-
-checkpoint.save_checkpoint = save_then_block
-from instructune.cli import main
-
-sys.argv = ["instructune", "train", config]
-main()
-"""
-
-
 def test_sigkill_and_resume_equals_the_uninterrupted_run(tmp_path, tiny_model):
     common = dict(epochs=2, batch_size=4, save_every=1, lora={"dropout": 0.1})  # dropout: the RNG state must resume too
     env = {**os.environ, "PYTHONHASHSEED": "0"}
@@ -102,7 +76,7 @@ def test_sigkill_and_resume_equals_the_uninterrupted_run(tmp_path, tiny_model):
     config = write_config(tmp_path, cut, "cut.yaml")
     run = tmp_path / "b" / "run"
     log, marker, wrapper = run / "train_log.jsonl", tmp_path / "checkpoint-5-written", tmp_path / "block.py"
-    wrapper.write_text(_BLOCK_AFTER_CHECKPOINT)
+    wrapper.write_text(BLOCK_AFTER_CHECKPOINT)
     with open(tmp_path / "cut.stderr", "w") as err:
         proc = subprocess.Popen([sys.executable, str(wrapper), "5", str(marker), str(config)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=err)

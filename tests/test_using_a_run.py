@@ -175,7 +175,10 @@ def test_export_refusals_exit_2(tmp_path, tiny_run, case):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
 
 
-def test_generate_refuses_an_input_longer_than_the_model_with_the_numbers(tiny_run):
+def test_generate_cuts_an_input_longer_than_training_allowed_as_training_did(tiny_run):
+    """The one prompt rule: past train.max_length (256 here, inside the model's 1024) the input is cut as training
+    cut its prompts, and the command says so, instead of refusing what training would have read."""
     result = cli("generate", "--model", tiny_run, "--task", "tiny_classification", "word " * 20000)
-    assert result.exit_code == 2, result.output
-    assert "past the model's context of 1024 tokens" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 0, result.output
+    assert "1 of 1 prompts are longer than training's train.max_length 256 allows" in result.output
+    assert "Traceback" not in result.output

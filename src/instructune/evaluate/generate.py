@@ -35,12 +35,9 @@ def _room(model, max_new_tokens: int) -> int | None:
 
 
 def check_prompt_fits(model, fmt: PromptFormat, prompt: str, max_new_tokens: int, where: str | None = None) -> int:
-    """The prompt's token count as the model reads it (cut as training cut it: `PromptFormat.prompt_ids`, with a
-    warning); InstructuneError with the numbers when it and max_new_tokens pass the context."""
+    """The prompt's token count as the model reads it (cut as training cut it: `PromptFormat.prompt_ids`; `generate`
+    says so); InstructuneError with the numbers when it and max_new_tokens pass the context."""
     n = len(fmt.prompt_ids(prompt, max_new_tokens))
-    if fmt.prompts_cut([prompt], max_new_tokens):
-        warn(f"the input is {len(fmt.encode_prompt(prompt))} tokens; as in training (train.max_length "
-             f"{fmt.max_length}), the model reads its first token and its last {n - 1}")
     room, size = _room(model, max_new_tokens), context_size(model)
     if room is not None and n > room:
         new = "" if model.config.is_encoder_decoder else f" + {max_new_tokens} new tokens = {n + max_new_tokens}"
