@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..attention import attention_window, takes_4d_mask
 from ..config import TrainConfig
 from ..errors import TrainingDiverged
-from ..io import atomic_write
+from ..io import atomic_write, read_jsonl
 from ..prompts.format import Encoded
 from ..runtime import autocast, distributed, grouped_kv_heads
 from .batching import length_grouped_batches, split_by_tokens
@@ -262,8 +262,7 @@ class TrainLog:
     def __init__(self, path: Path | None, tensorboard_dir: Path | None, step: int, resume: bool):
         self.entries: list[dict] = []
         if path and resume and step:
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-            self.entries = [e for e in lines if e["step"] <= step]
+            self.entries = [e for e in read_jsonl(path) if e["step"] <= step]
             atomic_write(path, "".join(json.dumps(e) + "\n" for e in self.entries))
         elif path:
             path.unlink(missing_ok=True)
