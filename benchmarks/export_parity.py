@@ -1,7 +1,7 @@
 """Export parity on a real run: the GGUF export run by real llama.cpp (llama-cpp-python) against instructune's own
 evaluation of the same fine-tuned model, on the run's test prompts.
 
-For each GGUF type (f16, q8_0): the prompts are rendered with the chat template read from the GGUF file itself
+For each GGUF type (f16, q8_0 by default; `--types f16 q8_0 q4_K_M q5_K_M q6_K` adds llama.cpp's K-quants): the prompts are rendered with the chat template read from the GGUF file itself
 (`tokenizer.chat_template`, rendered like transformers does: a Jinja sandbox with trim_blocks/lstrip_blocks) from
 the task's saved template, checked equal to the prompts evaluation used, and answered greedily by llama.cpp.
 Printed per task: the share of greedy outputs identical to the evaluated model's, the primary metric of each and
@@ -11,6 +11,7 @@ same prompts (2-core CPU; llama.cpp answers one prompt at a time).
     make demo     # runs/demo
     .venv/bin/pip install llama-cpp-python   # builds llama.cpp (well over 10 minutes on 2 cores, cached after)
     .venv/bin/python benchmarks/export_parity.py --run runs/demo --limit 40
+    .venv/bin/python benchmarks/export_parity.py --run runs/demo --limit 40 --types f16 q8_0 q4_K_M
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from instructune.config import load_config  # noqa: E402
 from instructune.data import read_sources, split_sources  # noqa: E402
 from instructune.evaluate.generate import generate  # noqa: E402
 from instructune.export import export_gguf, llama_cpp_outputs, parity_report, test_prompts  # noqa: E402
+from instructune.export.to_gguf import GGUF_TYPES  # noqa: E402
 from instructune.export.source import full_precision_model, model_folder, tokenizer_and_format  # noqa: E402
 from instructune.manifest import Manifest  # noqa: E402
 from instructune.tasks import label_getter  # noqa: E402
@@ -96,7 +98,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "demo")
     ap.add_argument("--limit", type=int, default=40, help="test prompts per task")
-    ap.add_argument("--types", nargs="+", default=["f16", "q8_0"])
+    ap.add_argument("--types", nargs="+", default=["f16", "q8_0"], choices=GGUF_TYPES,
+                    help="GGUF types to export and compare (K-quants are made by llama.cpp's quantizer)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     print(f"# export parity, {datetime.date.today()}, run {args.run}, {args.limit} test prompts per task")

@@ -44,24 +44,48 @@ def main() -> None:
     limit = args.gpu_gb * GB
     print(f"GB per GPU; {args.seq}-token passes, a quarter supervised, bf16, LoRA r 16 all-linear; fits: "
           f"peak <= 90 % of {args.gpu_gb:g} GB (fragmentation, communication buffers)\n")
-    print("| model | method | parameters (trained) | DDP per GPU | DDP fits? | FSDP GPUs needed, instructune today "
-          "(whole model loaded first) | FSDP GPUs needed, sharded state alone (per GPU) |")
+    print("| model | method | parameters (trained) | DDP per GPU | DDP fits? | FSDP GPUs needed (peak per GPU) | "
+          "measured or computed |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, shape_args in MODELS.items():
         config = LlamaConfig(**shape_args)
         for method in ("lora", "full"):
             shape = model_shape(config, method, LoraConfig(r=16, alpha=32, target_modules="all-linear"))
-            plan = dict(tokens=args.seq, supervised=args.seq // 4, method=method, bf16=True)
+            plan = dict(tokens=args.seq, supervised=args.seq // 4, method=method, bf16=True, device="cuda")
             ddp = footprint(shape, "ddp", 2, **plan)
-            cells = []
-            for whole in (True, False):
-                n = next((n for n in range(1, 4097) if footprint(shape, "fsdp", n, whole_load=whole, **plan).fits(limit)),
-                         None)
-                peak = footprint(shape, "fsdp", n, whole_load=whole, **plan).peak / GB if n else None
-                cells.append(f"{n} ({peak:.1f} GB)" if n else ("none: the whole model is loaded on each GPU first"
-                                                              if whole else "none: activations alone exceed it"))
+            n = next((n for n in range(1, 4097) if footprint(shape, "fsdp", n, **plan).fits(limit)), None)
+            fsdp = f"{n} ({footprint(shape, 'fsdp', n, **plan).peak / GB:.1f} GB)" if n else "none: activations exceed it"
             print(f"| {name} | {method} | {shape.parameters / 1e9:.2f} B ({shape.trainable / 1e9:.3g} B) | "
-                  f"{ddp.peak / GB:.1f} | {'yes' if ddp.fits(limit) else 'no'} | {cells[0]} | {cells[1]} |")
+                  f"{ddp.peak / GB:.1f} | {'yes' if ddp.fits(limit) else 'no'} | {fsdp} | computed (the plan) |")
+    one_gpu(args.seq)
+
+
+ONE_GPU = {  # the settings people try on one GPU, as `train` keys
+    "LoRA": dict(method="lora"), "LoRA + checkpointing": dict(method="lora", checkpointing=True),
+    "QLoRA": dict(method="qlora"), "QLoRA + checkpointing": dict(method="qlora", checkpointing=True),
+    "full": dict(method="full"), "full + checkpointing": dict(method="full", checkpointing=True)}
+
+
+def one_gpu(seq: int) -> None:
+    """One GPU: GB each setting needs for each model (bf16, one pass of `seq` tokens), and what fits on 16, 24 and
+    80 GB (peak <= 90 %)."""
+    from transformers import LlamaConfig
+
+    peaks = {}
+    for name, shape_args in MODELS.items():
+        config = LlamaConfig(**shape_args)
+        for label, opts in ONE_GPU.items():
+            shape = model_shape(config, opts["method"], LoraConfig(r=16, alpha=32, target_modules="all-linear"))
+            peaks[label, name] = footprint(shape, "ddp", 1, seq, seq // 4, bf16=True, device="cuda", **opts).peak
+    models = list(MODELS)
+    print(f"\nOne GPU, GB (bf16, {seq}-token passes, LoRA r 16 all-linear; QLoRA: NF4 with double quantization)\n")
+    print("| setting | " + " | ".join(models) + " |")
+    print("| --- |" + " --- |" * len(models))
+    for label in ONE_GPU:
+        print(f"| {label} | " + " | ".join(f"{peaks[label, m] / GB:.1f}" for m in models) + " |")
+    for gb in (16, 24, 80):
+        cells = [", ".join(l for l in ONE_GPU if peaks[l, m] <= 0.9 * gb * GB) or "none" for m in models]
+        print(f"| **fits on {gb} GB** | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Not a test: run it by hand. TRL is a benchmark-only dependency, not one of instr
     .venv/bin/pip install trl
     .venv/bin/python benchmarks/train_vs_trl.py                        # both presets, both data sets, both tables
     .venv/bin/python benchmarks/train_vs_trl.py --models smollm2-135m --data uci --tables same
+    .venv/bin/python benchmarks/train_vs_trl.py --method qlora --tables same    # QLoRA against TRL + bitsandbytes
 
 Table 1, the same settings: both tools train the same model (a preset resolved by instructune, loaded in fp32 from
 its local safetensors folder) with the same LoRA adapter (r=16, alpha=32, dropout `--lora-dropout` (default 0), all
@@ -16,7 +17,14 @@ order: instructune's own, prepared by `instructune.tasks.prepare` and encoded by
 dataset (`input_ids` + `completion_mask`, `completion_only_loss=True`) already in instructune's step order
 (length-grouped) and reads it sequentially (`train_sampling_strategy="sequential"`), so step N of each tool sees
 the same 8 examples and the losses are comparable step for step. TRL's `SFTConfig` turns gradient checkpointing on
-by default; it is off here (instructune does not use it) unless `--trl-gradient-checkpointing`.
+by default; it is off here, as instructune's `train.gradient_checkpointing` is by default, unless
+`--trl-gradient-checkpointing`.
+
+`--method qlora`: the same, on a base whose linear layers load in 4 bits (bitsandbytes NF4, double quantization):
+instructune's `train.method: qlora`, and TRL's QLoRA recipe (`BitsAndBytesConfig(load_in_4bit=True,
+bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`, the compute dtype fp32, or bf16 under bf16, and peft
+LoRA on top through `peft_config`; TRL keeps that adapter in bf16, instructune in fp32). The other weights
+(embeddings, norms) stay as loaded, fp32 unless bf16, in both.
 
 Table 2, each tool at its fastest settings found on this machine: TRL with bf16 autocast, without gradient
 checkpointing and with its own length grouping (`train_sampling_strategy="group_by_length"`; its padding-free mode
@@ -87,7 +95,7 @@ def run_instructune(args, cfg, prep, encoded) -> dict:
     torch.manual_seed(0)
     lora = cfg.train.lora.model_copy(update={"r": 16, "alpha": 32, "dropout": args.lora_dropout, "target_modules": "all-linear"})
     tcfg = cfg.train.model_copy(update={
-        "method": "lora", "lr": LR, "batch_size": BATCH, "grad_accum": 1, "epochs": 1.0, "bf16": bf16(args),
+        "method": args.method, "lr": LR, "batch_size": BATCH, "grad_accum": 1, "epochs": 1.0, "bf16": bf16(args),
         "max_length": MAX_LENGTH, "weight_decay": 0.0, "max_grad_norm": 1.0, "lora": lora,
         # int(steps * ratio) == warmup_steps; the epsilon guards against float rounding down
         "warmup_ratio": (args.warmup_steps / args.steps + 1e-9) if args.warmup_steps else 0.0,
@@ -112,7 +120,15 @@ def run_trl(args, cfg, prep, encoded) -> dict:
     rows = {"input_ids": [e.input_ids for e in encoded],
             "completion_mask": [[int(label != -100) for label in e.labels] for e in encoded]}
     dataset = datasets.Dataset.from_dict(rows)
-    model = AutoModelForCausalLM.from_pretrained(prep.model_source, dtype=torch.float32, use_safetensors=True)
+    quantized = {}
+    if args.method == "qlora":  # TRL's QLoRA recipe; compute in the autocast dtype, as instructune does
+        from transformers import BitsAndBytesConfig
+
+        quantized = {"device_map": {"": "cpu"}, "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if bf16(args) else torch.float32)}
+    model = AutoModelForCausalLM.from_pretrained(prep.model_source, dtype=torch.float32, use_safetensors=True,
+                                                 **quantized)
     lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=args.lora_dropout, target_modules="all-linear",
                            task_type="CAUSAL_LM")
     out = Path(os.environ.get("TMPDIR", "/tmp")) / "instructune-train-vs-trl"
@@ -183,11 +199,12 @@ def steps_for(args) -> int:
 def spawn(tool: str, model: str, data: str, setting: str, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, model, "--data", data, "--setting", setting,
            "--steps", str(args.steps), "--email-steps", str(args.email_steps), "--warmup-steps", str(args.warmup_steps),
-           "--lora-dropout", str(args.lora_dropout)]
+           "--lora-dropout", str(args.lora_dropout), "--method", args.method]
     cmd += ["--bf16"] if args.bf16 else []
     cmd += ["--trl-gradient-checkpointing"] if args.trl_gradient_checkpointing else []
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1"}  # TRL pings the Hub when a trainer starts
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
@@ -235,9 +252,11 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument("--lora-dropout", type=float, default=0.0,
                         help="LoRA dropout for both tools (default 0, instructune's default; 0.05 is TRL's usual)")
+    parser.add_argument("--method", choices=["lora", "qlora"], default="lora",
+                        help="qlora: both tools on a 4-bit base (bitsandbytes NF4, double quantization)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for both in table 1 (default fp32)")
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
-                        help="keep TRL's default gradient checkpointing in table 1 (off by default: instructune has none)")
+                        help="keep TRL's default gradient checkpointing in table 1 (off by default, as instructune's)")
     parser.add_argument("--worker", nargs=2, metavar=("TOOL", "MODEL"), help=argparse.SUPPRESS)
     parser.add_argument("--setting", default="same", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -252,7 +271,8 @@ def main() -> None:
     import torch
 
     started = time.perf_counter()
-    print(f"# instructune vs TRL, batch 8, LoRA r=16 all-linear, dropout {args.lora_dropout}; torch {torch.__version__}, "
+    base = "on a 4-bit NF4 base (QLoRA, bitsandbytes), " if args.method == "qlora" else ""
+    print(f"# instructune vs TRL, batch 8, LoRA r=16 all-linear, {base}dropout {args.lora_dropout}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; steps: uci {args.steps}, emails {args.email_steps}"
           + (f"; medians of {args.repeats} runs per tool" if args.repeats > 1 else ""), flush=True)
     for setting in args.tables:

@@ -125,6 +125,7 @@ def test_full_finetuning_on_two_simulated_nodes_equals_one_process_and_saves_a_p
 
     one, two = _log(full_runs.one), _log(full_runs.two)
     assert "fsdp: 2 layers and the rest of the model sharded over 2 processes" in full_runs.out
+    assert "fsdp: each process read its shards of" in full_runs.out  # built on the meta device, never whole
     assert len(one) == len(two) == STEPS and one[-1]["loss"] < one[0]["loss"] - 0.01  # it trained
     assert loss_gap(one, two) < LOSS_RTOL and loss_gap(one, two, "val_loss") < LOSS_RTOL
     assert [e["tokens"] for e in one] == [e["tokens"] for e in two]
@@ -219,8 +220,9 @@ def test_lora_from_an_accelerate_fsdp_launch_equals_one_process(tmp_path, tiny_m
     assert mine and all(p.abs().max() > 0 for p in mine.values())  # lora_B starts at zero: it was trained
 
 
-def _shard_worker(rank: int, model_dir: str, store: str, out: str) -> None:
-    """One of 2 processes: shard the tiny model, take one AdamW step, record the local sizes, gather the model."""
+def _shard_worker(rank: int, model_dir: str, store: str, out: str, gemma_dir: str, wide_dir: str) -> None:
+    """One of 2 processes: shard the tiny model, take one AdamW step, record the local sizes, gather the model; then
+    build models shard by shard (`_sharded_loading`)."""
     import copy
 
     import torch.distributed as dist
@@ -256,6 +258,7 @@ def _shard_worker(rank: int, model_dir: str, store: str, out: str) -> None:
         else:
             result["plain"] = plain
         result["lora_resumed"] = _lora_round_trip(model_dir, Path(out, "lora-checkpoint"))
+        result.update(_sharded_loading(model_dir, gemma_dir, wide_dir))
         Path(out, f"{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -292,10 +295,71 @@ def _lora_round_trip(model_dir: str, folder: Path) -> bool:
     return all(torch.equal(a.to_local(), b.to_local()) for (_, a), (_, b) in zip(models[0][1], models[1][1]))
 
 
-def test_each_process_holds_half_of_the_weights_and_optimizer_state(tmp_path, tiny_model):
+def _sharded_loading(model_dir: str, gemma_dir: str, wide_dir: str) -> dict:
+    """`fsdp.sharded_model` in this process (built on the meta device, sharded, each process reading its own rows):
+    whether its shards, buffers (rotary frequencies), tied embeddings, frozen/trained split and LoRA adapter equal
+    the whole load's, sharded (same seed); and by how much this process's resident peak (VmHWM) grows while it
+    builds a wider model, as a share of that model's bytes, beside loading it whole and sharding it."""
+    from instructune.config import LoraConfig, ModelConfig
+    from instructune.models import training_model
+    from instructune.train import fsdp, memory
+
+    def whole(source, model_cfg, train_cfg, world):
+        return fsdp.shard(training_model(source, model_cfg, train_cfg), False, world)
+
+    same = {}
+    for name, source, cfg in (("full", model_dir, TrainConfig(method="full")), ("gemma", gemma_dir, TrainConfig(
+            method="full")), ("lora", model_dir, TrainConfig(lora=LoraConfig(dropout=0.0), gradient_checkpointing=True))):
+        built = []
+        for load in (fsdp.sharded_model, whole):
+            torch.manual_seed(0)
+            model = load(source, ModelConfig(name=source), cfg, 2)
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            built.append(({n: (t.to_local() if hasattr(t, "to_local") else t, t.requires_grad)
+                           for n, t in [*model.named_parameters(), *model.named_buffers()]},
+                          base.lm_head.weight is base.model.embed_tokens.weight))
+        (a, tied), (b, _) = built
+        same[name] = tied and a.keys() == b.keys() and all(torch.equal(t, b[n][0]) and g == b[n][1]
+                                                            for n, (t, g) in a.items())
+    size, held = Path(wide_dir, "model.safetensors").stat().st_size, {}
+    for how, load in (("sharded", fsdp.sharded_model), ("whole", whole)):
+        memory.reset_peak(torch.device("cpu"))
+        before = _resident("VmRSS")
+        model = load(wide_dir, ModelConfig(name=wide_dir), TrainConfig(method="full"), 2)
+        held[how] = (_resident("VmHWM") - before) / size
+        del model
+    return {"same": same, "held": held}
+
+
+def _resident(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def _wide_model(path: Path) -> Path:
+    """An 86 MB Llama (6 layers of 512 x 1536, no weight over 3 % of the model), written as zeros: big enough that a
+    process's resident memory measures what loading it holds."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                      num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
+    cfg.save_pretrained(path)
+    with init_empty_weights():
+        names = {n: p.shape for n, p in LlamaForCausalLM(cfg).named_parameters()}
+    save_file({n: torch.zeros(shape) for n, shape in names.items()}, str(path / "model.safetensors"))
+    return path
+
+
+def test_each_process_holds_half_of_the_weights_and_optimizer_state(tmp_path, tiny_model, tiny_gemma):
+    """...and, built shard by shard (`train.strategy: fsdp`), the same model as loaded whole, with no process ever
+    holding more than 60 % of the model's bytes while it loads (its half, and one weight's rows at a time)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_shard_worker, args=(str(tiny_model), str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    wide = _wide_model(tmp_path / "wide")
+    mp.spawn(_shard_worker, args=(str(tiny_model), str(tmp_path / "store"), str(tmp_path), str(tiny_gemma), str(wide)),
+             nprocs=2)
     ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
     full = ranks[0]["full"]
     total = sum(full.values())
@@ -309,6 +373,10 @@ def test_each_process_holds_half_of_the_weights_and_optimizer_state(tmp_path, ti
     assert ranks[0]["cls"] == "LlamaForCausalLM" and ranks[0]["tied"] and ranks[1]["plain"] is None
     assert ranks[0]["gap"] < WEIGHT_RTOL and ranks[0]["moved"] > 1e-3
     assert all(r["lora_resumed"] for r in ranks)  # a sharded LoRA checkpoint restores weights and optimizer state
+    for r in ranks:  # sharded loading: what each process builds equals the whole load, sharded
+        assert r["same"] == {"full": True, "gemma": True, "lora": True}
+        assert r["held"]["sharded"] < 0.6, r["held"]  # each process its half and one weight's rows in transit
+        assert r["held"]["whole"] > 0.9, r["held"]  # the measure sees a whole model where one is loaded
 
 
 def test_what_fsdp_cannot_do_yet_is_refused_by_name(tiny_model, monkeypatch):

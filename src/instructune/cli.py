@@ -36,6 +36,13 @@ app.add_typer(data_app, name="data")
 RESUME_HELP = ("continue an interrupted training from runs/<name>/checkpoint (written every train.save_every steps), "
                "exactly as if never stopped")
 SET_HELP = "Override a config key, e.g. --set train.epochs=1 --set tasks.0.data.max_test=20 (repeatable)."
+RESTART_HELP = ("discard the checkpoint an interrupted training left in the run folder and train from the start "
+                "(without --resume or --restart such a checkpoint is refused, never silently replaced)")
+FORCE_HELP = ("train even when the memory plan (`instructune plan`) says the run does not fit in the device's "
+              "memory (without it such a run is refused before anything is loaded, with the changes that fit)")
+DEVICE_MEMORY_HELP = ("GB one training process may use (default: this machine's GPU, or on a CPU its memory shared "
+                      "by the processes launched on it)")
+MAX_TOKENS = 2**20  # the CLI's token counts share the config's bound (config.MAX_TOKENS)
 
 
 _RUN_DIR: list[Path] = []  # the run folder of the command, once its config is loaded (for error.log)
@@ -59,6 +66,10 @@ def handles_errors(fn):
             where = e.filename or "file system"
             _fail(f"error: {where}: {e.strerror or e}", EXIT_OTHER)
         except Exception as e:  # an internal error: a summary here, the traceback in a file
+            from .io import file_system_fault
+
+            if fault := file_system_fault(e, _RUN_DIR[-1] if _RUN_DIR else "the folder being written"):
+                _fail(f"error: {fault.filename}: {fault.strerror}", EXIT_OTHER)
             _fail(f"internal error: {type(e).__name__}: {str(e)[:300]} (full traceback: {_write_traceback()})",
                   EXIT_OTHER)
         finally:
@@ -107,15 +118,49 @@ def _config(path: Path, overrides: list[str] | None):
 @handles_errors
 def run(config: Path = typer.Argument(..., help="experiment YAML"),
         set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-        resume: bool = typer.Option(False, help=RESUME_HELP)):
+        resume: bool = typer.Option(False, help=RESUME_HELP),
+        restart: bool = typer.Option(False, help=RESTART_HELP),
+        force: bool = typer.Option(False, help=FORCE_HELP),
+        device_memory: Optional[float] = typer.Option(None, min=0.001, max=1e6, help=DEVICE_MEMORY_HELP)):
     """Everything: data → base-model baselines → fine-tuning → evaluation → report."""
     from .experiment import run as run_experiment
     from .runtime import check_launcher
 
     check_launcher()
     cfg = _config(config, set_)
-    results = run_experiment(cfg, resume)
+    results = run_experiment(cfg, resume, restart, force, device_memory)
     _summary(results, cfg.run_dir())
+
+
+@app.command()
+@handles_errors
+def sweep(config: Path = typer.Argument(..., help="experiment YAML (its `sweep:` block: the search space)"),
+          set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+          trials: Optional[int] = typer.Option(None, min=1, max=10_000, help="trials to finish (default "
+                                               "sweep.trials, 20); the first runs the config's own settings"),
+          budget: Optional[str] = typer.Option(None, help="wall-clock limit of the search, e.g. 45m, 2h, 90s (default "
+                                               "sweep.budget; none: --trials alone); a trial that would not finish "
+                                               "in what is left is not started"),
+          resume: bool = typer.Option(False, help="continue the sweep in the run folder (after a kill or Ctrl-C): "
+                                      "finished trials are kept, an interrupted one runs again")):
+    """Choose the training settings on the validation split, then run the experiment with the best model.
+
+    An Optuna search (TPE sampler, seeded; median pruner on the validation metric) over `sweep.space` (default:
+    train.lr, train.epochs and, for LoRA, train.lora.r and alpha): each trial fine-tunes and scores the tasks'
+    primary metric by generation on the validation split. The best trial's model becomes the run's model; only then
+    is the test split read, for the baselines, the evaluation and the report, which compares the chosen settings
+    with the config's own (trial 0) on the test split. The study lives in runs/<name>/sweep/study.db.
+
+    Example: instructune sweep configs/uci-sentiment.yaml --budget 45m"""
+    from .config import parse_duration
+    from .sweep import run_sweep
+
+    try:
+        seconds = None if budget is None else parse_duration(budget)
+    except ValueError as e:
+        raise InstructuneError(str(e), "--budget") from None
+    cfg = _config(config, set_)
+    _summary(run_sweep(cfg, trials, seconds, resume), cfg.run_dir())
 
 
 @app.command()
@@ -134,17 +179,22 @@ def baseline(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set
 @app.command()
 @handles_errors
 def train(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-          resume: bool = typer.Option(False, help=RESUME_HELP)):
+          resume: bool = typer.Option(False, help=RESUME_HELP),
+          restart: bool = typer.Option(False, help=RESTART_HELP),
+          force: bool = typer.Option(False, help=FORCE_HELP),
+          device_memory: Optional[float] = typer.Option(None, min=0.001, max=1e6, help=DEVICE_MEMORY_HELP)):
     """Fine-tune on the training split (writes model/ with the adapter or weights, tokenizer and manifest)."""
-    from .experiment import check_run_folder, run_train, start_run
+    from .experiment import check_checkpoint, check_fits, check_run_folder, run_train, start_run
     from .runtime import check_launcher
     from .tasks import prepare
 
     check_launcher()
     cfg = _config(config, set_)
     check_run_folder(cfg)
+    check_checkpoint(cfg, resume, restart)
     prep = prepare(cfg)
-    out = run_train(prep, start_run(cfg, prep), resume)
+    check_fits(prep, device_memory, force)
+    out = run_train(prep, start_run(cfg, prep), resume, restart)
     typer.echo(f"model written to {out}")
 
 
@@ -153,8 +203,10 @@ def train(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", 
 def plan(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
          processes: int = typer.Option(1, min=1, max=100_000, help="training processes (GPUs, or CPU processes)"),
          strategy: Optional[str] = typer.Option(None, help="ddp or fsdp (default: both, side by side)"),
-         device_memory: Optional[float] = typer.Option(None, min=0.001, help="GB one process may use (default: "
-                                                       "this machine's GPU, or its memory on a CPU)")):
+         device_memory: Optional[float] = typer.Option(None, min=0.001, max=1e6, help="GB one process may use (default: "
+                                                       "this machine's GPU, or its memory on a CPU)"),
+         gpu: Optional[bool] = typer.Option(None, "--gpu/--cpu", help="plan for a CUDA GPU or a CPU, whose memory "
+                                            "allocators keep different shares (default: this machine's device)")):
     """Memory per training process before a run: weights, gradients, optimizer state and activations (for the
     config's model, batch size and the longest training examples), under DDP and FSDP, and whether it fits.
     Reads the model's config only, never its weights.
@@ -163,18 +215,18 @@ def plan(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", h
     from rich.console import Console
     from rich.table import Table
 
-    from .experiment import memory_plan
+    from .experiment import fit_advice, memory_plan
     from .tasks import prepare
     from .train.memory import GB, device_memory as local_memory
 
     if strategy not in (None, "ddp", "fsdp"):
         raise InstructuneError(f"--strategy must be ddp or fsdp, not {strategy!r}", "--strategy")
     cfg = _config(config, set_)
-    prep = prepare(cfg)
+    prep = prepare(cfg, weights=False)
     train_set = [e for t in prep.tasks for e in t.encoded("train", cfg.train.max_length)]
     limit, where = ((device_memory * GB, f"{device_memory:g} GB (--device-memory)") if device_memory
                     else local_memory())
-    planner = memory_plan(prep, train_set)
+    planner = memory_plan(prep, train_set, gpu=gpu)
     plans = [planner(s, processes) for s in ([strategy] if strategy else ["ddp", "fsdp"])]
     table = Table(title=f"{cfg.name}: {cfg.train.method} fine-tuning, {processes} process(es), GB per process")
     parts = list(plans[0].parts)
@@ -184,12 +236,18 @@ def plan(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", h
         table.add_row(p.strategy, *(f"{p.parts[k] / GB:.2f}" for k in parts), f"{p.peak / GB:.2f}",
                       "yes" if p.fits(limit) else "no")
     Console(width=max(110, Console().width)).print(table)
-    typer.echo(f"device memory: {where}; the peak is weights + optimizer + gathered + loading + runtime + the larger of "
-               "activations and gradients; it fits when at most 90 % of the memory (see `instructune.train.memory`)")
+    typer.echo(f"device memory: {where}; the peak is weights + optimizer + gathered + loading + runtime + allocator + "
+               "the largest of activations, gradients and evaluation; it fits when at most 90 % of the memory (see "
+               "`instructune.train.memory`)")
+    for p in plans if processes > 1 else plans[:1]:  # what to change, cheapest first, where it does not fit
+        if advice := fit_advice(prep, train_set, p.strategy, processes, limit, gpu):
+            typer.echo(f"{p.strategy}: {advice}")
     if "fsdp" in [p.strategy for p in plans] and not plans[-1].fits(limit):
         fits = next((n for n in range(processes + 1, 4097) if planner("fsdp", n).fits(limit)), None)
         typer.echo(f"fsdp fits from {fits} processes" if fits else "fsdp does not fit at any process count: "
                    "use LoRA, a shorter train.max_length or a smaller train.batch_size")
+    from .train.auto import auto_settings_line  # the steps and time the epochs and lr (auto or set) make
+    typer.echo(auto_settings_line(prep))
 
 
 @app.command()
@@ -219,7 +277,7 @@ def report(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set",
 @data_app.command("preview")
 @handles_errors
 def data_preview(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-                 n: int = typer.Option(2, help="pairs shown per task"),
+                 n: int = typer.Option(2, min=0, max=1_000_000, help="pairs shown per task"),
                  split: str = typer.Option("train", help="train, validation or test")):
     """Show rendered prompt→completion pairs and which tokens are trained (green) or masked (dim)."""
     from rich.console import Console
@@ -252,11 +310,12 @@ def data_preview(config: Path, set_: Optional[List[str]] = typer.Option(None, "-
 @data_app.command("lint")
 @handles_errors
 def data_lint(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP)):
-    """Check the data before spending compute: split sizes, labels, supervised tokens, train/test leakage."""
+    """Check the data before spending compute: split sizes, labels, supervised tokens, train/test leakage; for chat
+    records (OpenAI's fine-tuning format) OpenAI's format checks, tokens per turn and what train.max_length cuts."""
     from collections import Counter
 
     from .data.lint import format_warnings, lint_pairs, lint_records
-    from .tasks import data_stats, prepare
+    from .tasks import data_stats, prepare, turn_stats
 
     cfg = _config(config, set_)
     prep = prepare(cfg)  # bad input fails here, with file and line
@@ -274,6 +333,10 @@ def data_lint(config: Path, set_: Optional[List[str]] = typer.Option(None, "--se
         typer.echo(f"  tokens per training pair: prompt max {max(lengths['prompt'])}, completion max "
                    f"{max(lengths['completion'])}; supervised share "
                    f"{sum(lengths['completion']) / (sum(lengths['prompt']) + sum(lengths['completion'])):.1%}")
+        turns = turn_stats(task, cfg.train.max_length)  # chat records: tokens per turn, and what a cut takes
+        if turns:
+            typer.echo("  tokens per turn, most: " + ", ".join(f"{r} {n}" for r, n in turns["max_tokens"].items()) +
+                       f"; {turns['trained_turns']} trained assistant turns in {turns['conversations']} conversations")
         lk = st["leakage"]
         leaked = lk["exact"] + lk["near"]
         problems += bool(leaked)
@@ -287,7 +350,8 @@ def data_lint(config: Path, set_: Optional[List[str]] = typer.Option(None, "--se
         if cut["pairs"]:
             warnings.append({"kind": "truncated", "count": cut["pairs"], "message":
                              f"training pairs longer than train.max_length {cfg.train.max_length} (cut by up to "
-                             f"{cut['max_cut']} tokens from the prompt's start)", "examples": cut["examples"]})
+                             f"{cut['max_cut']} tokens from the prompt's start)",
+                             "examples": turns["cut"][:3] if turns else cut["examples"]})
         problems += bool(warnings)
         for line in format_warnings(task.name, warnings):
             typer.secho(line, fg="yellow")
@@ -299,7 +363,8 @@ def data_lint(config: Path, set_: Optional[List[str]] = typer.Option(None, "--se
 def generate(text: str = typer.Argument(..., help="the input: plain text for the task's main field, or a JSON record"),
              model: Path = typer.Option(..., "--model", help="a run folder or its model/ folder"),
              task: Optional[str] = typer.Option(None, help="task name (needed when the model learned several)"),
-             max_new_tokens: Optional[int] = typer.Option(None)):
+             max_new_tokens: Optional[int] = typer.Option(None, min=1, max=MAX_TOKENS, help="longest answer "
+                                                          "(default: the task's)")):
     """Answer one input with a fine-tuned model, rendering the prompt with the template it was trained with."""
     from .evaluate.generate import check_prompt_fits, generate as run_generate
     from .models import load_finetuned
@@ -321,8 +386,8 @@ def predict(model: Path = typer.Argument(..., help="a run folder or its model/ f
                                        "fields the task's template reads (the same field names as in training)"),
             output: Optional[Path] = typer.Option(None, help="a .jsonl or .csv file (default: INPUT.predictions.jsonl)"),
             task: Optional[str] = typer.Option(None, help="task name (needed when the model learned several)"),
-            batch_size: int = typer.Option(32, help="prompts per batch"),
-            max_new_tokens: Optional[int] = typer.Option(None, help="default: the task's"),
+            batch_size: int = typer.Option(32, min=1, max=65_536, help="prompts per batch"),
+            max_new_tokens: Optional[int] = typer.Option(None, min=1, max=MAX_TOKENS, help="default: the task's"),
             overwrite: bool = typer.Option(False, help="replace an existing output file")):
     """Predict for every record of a file: one output record per input, in order, with the input's fields and
     `prediction` (classification: also `label` and its `probability` among the choices, by likelihood)."""
@@ -337,7 +402,7 @@ def predict(model: Path = typer.Argument(..., help="a run folder or its model/ f
 def chat(model: Path = typer.Argument(..., help="a run folder or its model/ folder"),
          task: Optional[str] = typer.Option(None, help="render each message through this task's training prompt "
                                             "(no memory across turns) instead of free multi-turn chat"),
-         max_new_tokens: int = typer.Option(256, help="longest reply")):
+         max_new_tokens: int = typer.Option(256, min=1, max=MAX_TOKENS, help="longest reply")):
     """Chat with a fine-tuned model in the terminal (its chat template, multi-turn, streamed).
     /reset starts over, /exit or Ctrl-D quits, Ctrl-C stops a reply."""
     from .chat import chat as run_chat
@@ -347,19 +412,46 @@ def chat(model: Path = typer.Argument(..., help="a run folder or its model/ fold
 
 @app.command()
 @handles_errors
+def serve(run: Path = typer.Argument(..., help="a run folder or its model/ folder"),
+          task: Optional[str] = typer.Option(None, help="wrap messages sent to the run's own model name in this task's "
+                                             "training prompt too (RUN/TASK always does)"),
+          host: str = typer.Option("127.0.0.1", help="the address to listen on; anything but loopback (127.0.0.1, "
+                                   "::1, localhost) needs --api-key"),
+          port: int = typer.Option(8000, min=1, max=65535, help="the port to listen on"),
+          api_key: Optional[str] = typer.Option(None, envvar="INSTRUCTUNE_API_KEY", help="answer only requests "
+                                                "with 'Authorization: Bearer KEY' (the openai client's api_key)"),
+          continuous_batching: bool = typer.Option(True, help="batch concurrent requests (transformers' continuous "
+                                                   "batching); --no-continuous-batching answers one at a time")):
+    """Serve a fine-tuned run behind an OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions,
+    streaming too), on transformers' serving engine. Model names: RUN (its chat template, as trained) and RUN/TASK
+    (the user's message in that task's training prompt: send "The battery died after a day.", get "negative").
+    Answers are greedy unless a request sets temperature > 0. Example, from Python:
+    OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").chat.completions.create(model="RUN/TASK", ...)"""
+    try:
+        from .serve import serve as run_server
+    except ImportError as e:
+        raise InstructuneError(f"serving needs {e.name or 'its extra'}: pip install 'instructune[serve]'", "serve")
+    run_server(run, task, host, port, api_key, continuous_batching)
+
+
+@app.command()
+@handles_errors
 def export(run: Path = typer.Argument(..., help="a run folder (or its model/ folder) with a fine-tuned model"),
            format: str = typer.Option(..., "--format", help="merged: a standalone transformers folder (the adapter "
                                       "merged into the full-precision base); gguf: one .gguf file for llama.cpp; "
                                       "ollama: the .gguf plus a Modelfile"),
            dtype: Optional[str] = typer.Option(None, help="merged: float32 (default), bfloat16, float16; "
-                                               "gguf/ollama: f16 (default), q8_0, f32"),
+                                               "gguf/ollama: f16 (default), q8_0, f32, or the K-quants q4_K_M, "
+                                               "q5_K_M, q6_K (made by llama.cpp's quantizer: needs "
+                                               "`pip install llama-cpp-python`)"),
            out: Optional[Path] = typer.Option(None, help="the export folder (default RUN/export/FORMAT); an existing "
                                               "folder must be one an export made"),
            task: Optional[str] = typer.Option(None, help="ollama: wrap the user's text in this task's training prompt"),
            check: Optional[bool] = typer.Option(None, "--check/--no-check", help="compare the export's greedy "
                                                 "answers with the evaluated model's on the run's test prompts "
                                                 "(default: on when the test split has at most 200 prompts)"),
-           check_limit: int = typer.Option(200, help="test prompts per task the check uses at most")):
+           check_limit: int = typer.Option(200, min=1, max=1_000_000, help="test prompts per task the check uses "
+                                           "at most")):
     """Export the fine-tuned model with its training template: merged (transformers), GGUF (llama.cpp) or Ollama.
     The parity check's figures are printed and written to parity.json in the export folder."""
     from .export import export_run
@@ -372,10 +464,14 @@ def export(run: Path = typer.Argument(..., help="a run folder (or its model/ fol
 
 
 @app.command()
+@handles_errors
 def templates(task_type: Optional[str] = typer.Argument(None, help=", ".join(tasktypes.names()))):
     """List the template library (use a name as a task's `template`)."""
     from .prompts.library import LIBRARY
 
+    if task_type is not None and task_type not in tasktypes.names():  # refused, not listed as nothing
+        raise InstructuneError(f"unknown task type {task_type!r}; known task types: {', '.join(tasktypes.names())}",
+                               "TASK_TYPE")
     for name, t in LIBRARY.items():
         if task_type and not name.startswith(task_type + "/"):
             continue
@@ -385,7 +481,10 @@ def templates(task_type: Optional[str] = typer.Argument(None, help=", ".join(tas
 
 
 @app.command("demo-data")
-def demo_data(out: Path = typer.Argument(Path("data/demo")), seed: int = 0):
+@handles_errors
+def demo_data(out: Path = typer.Argument(Path("data/demo"), help="the folder to write (new, empty, or one "
+                                         "demo-data wrote)"),
+              seed: int = typer.Option(0, min=0, max=2**32 - 1, help="the generator's seed")):
     """Write the built-in demo suite (five task types, generated by this package's own code)."""
     from .demo.data import write_demo_data
 

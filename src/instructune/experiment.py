@@ -8,6 +8,7 @@ was made from (`rundir.begin`/`finish`); redoing a stage first removes what depe
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import yaml
@@ -17,13 +18,13 @@ from .errors import InstructuneError
 from .evaluate.best_prompt import best_prompt, candidates
 from .evaluate.classical import classical_variant
 from .evaluate.score import answer, primary, score, validation_scorer
-from .io import atomic_write, write_json
-from . import rundir
-from .models import count_parameters, hf_config, load_finetuned, load_for_inference, save_model, training_model
+from .io import atomic_write, old_copy, read_json, write_json
+from . import rundir, tracking
+from .models import count_parameters, hf_config, load_finetuned, load_for_inference, save_model
 from .prompts import Pair, PromptFormat
 from .prompts.shots import kshot_prompts
 from .report import write_report
-from .runtime import distributed, is_main_process, say
+from .runtime import device, distributed, is_main_process, local_processes, say, warn
 from .tasks import Prepared, data_fingerprint, data_stats, manifest, prepare
 from .train.audit import audit_masking
 from .train.checkpoint import newest_checkpoint, remove_checkpoints
@@ -33,16 +34,20 @@ from .train.loss import perplexity
 from .train.strategy import strategy_for
 
 
-def run(cfg: ExperimentConfig, resume: bool = False) -> dict:
+def run(cfg: ExperimentConfig, resume: bool = False, restart: bool = False, force: bool = False,
+        device_memory: float | None = None) -> dict:
     """The whole protocol. With `resume`, a finished baseline made from the same inputs is kept and training
-    continues from its checkpoint."""
+    continues from its checkpoint; with `restart`, a checkpoint left there is discarded (without either it is
+    refused). A training the memory plan says cannot fit is refused before anything is loaded, unless `force`."""
     check_run_folder(cfg)
+    check_checkpoint(cfg, resume, restart)
     prep = prepare(cfg)
+    check_fits(prep, device_memory, force)
     run_dir = start_run(cfg, prep)
     try:
         if cfg.baseline.enabled and not (resume and _current(run_dir, "baseline", baseline_inputs(prep))):
             run_baseline(prep, run_dir)
-        run_train(prep, run_dir, resume)
+        run_train(prep, run_dir, resume, restart)
         run_evaluate(prep, run_dir)
         return report(run_dir, cfg)
     finally:
@@ -52,6 +57,7 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict:
 def start_run(cfg: ExperimentConfig, prep: Prepared) -> Path:
     """Create (or reuse) the run folder, only once `prepare` found no bad input, and lock it for this command;
     record the resolved config and data stats."""
+    tracking.check(cfg)  # the MLflow client is installed, before anything is written
     run_dir = rundir.create(cfg.run_dir(), output_key(cfg))
     if is_main_process():
         atomic_write(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -63,6 +69,25 @@ def check_run_folder(cfg: ExperimentConfig) -> None:
     """Refuse a run folder instructune must not write into before anything is loaded (`start_run` checks again)."""
     if is_main_process():
         rundir.check_output_dir(cfg.run_dir(), output_key(cfg))
+
+
+def check_checkpoint(cfg: ExperimentConfig, resume: bool, restart: bool) -> None:
+    """A checkpoint an interrupted training left in the run folder is never replaced silently: refused unless
+    `--resume` continues it or `--restart` discards it (every process refuses alike, before any is started)."""
+    if resume and restart:
+        raise InstructuneError("--resume continues the checkpoint and --restart discards it: give one", "--restart")
+    folder = cfg.run_dir() / "checkpoint"
+    found = [p for p in (folder, old_copy(folder)) if p.is_dir() and any(p.iterdir())]
+    if not found or resume or restart:
+        return
+    meta = read_json(found[0] / "meta.json") if (found[0] / "meta.json").is_file() else {}
+    meta = meta if isinstance(meta, dict) else {}
+    changed = rundir.differences(meta.get("config"), _train_config(cfg)) if meta.get("config") else []
+    made = (f"made with other training settings ({'; '.join(changed[:3])}), so --resume would refuse it"
+            if changed else "made with these training settings")
+    raise InstructuneError(f"the run folder holds the checkpoint of an unfinished training (step {meta.get('step', '?')}, "
+                           f"{made}): pass --resume to continue it, or --restart to discard it and train from the "
+                           "start", str(found[0]))
 
 
 def output_key(cfg: ExperimentConfig) -> str:
@@ -140,29 +165,37 @@ def run_baseline(prep: Prepared, run_dir: Path) -> dict:
 
 
 # -- 2. fine-tuning: completion-only loss on the training split -------------------------------------------------------
-def run_train(prep: Prepared, run_dir: Path, resume: bool = False) -> Path:
+def run_train(prep: Prepared, run_dir: Path, resume: bool = False, restart: bool = False, scorer=None) -> Path:
+    """`scorer(model) -> float`: the validation metric instead of `train.eval_metric`'s (a sweep's trial reports it)."""
     import torch
 
     cfg, checkpoint, inputs = prep.cfg, run_dir / "checkpoint", train_inputs(prep)
+    if restart and is_main_process() and newest_checkpoint(checkpoint):
+        remove_checkpoints(checkpoint)
+        say(f"--restart: removed the checkpoint in {checkpoint}; training from the start")
     train_id = (rundir.begin(run_dir, "train", inputs, keep=("train_log.jsonl", "tensorboard") if resume else ())
                 if is_main_process() else None)
+    scorer = scorer or _validation_scorer(prep)
+    world = distributed()[1]
+    strategy = strategy_for(cfg.train, world, None, scorer)  # one process, DDP or FSDP, for all of training
     torch.manual_seed(cfg.seed)
-    model = training_model(prep.model_source, cfg.model, cfg.train)  # a fresh copy: the baseline's is never touched
+    # a fresh copy (the baseline's is never touched); under FSDP each process builds and reads only its shards
+    model = strategy.training_model(prep.model_source, cfg.model, cfg.train)
+    # the peak counts training, which the plan is for: from the loaded model on (a load's own transients, and the
+    # page cache of the weight files it maps, are not what training holds; the loading test measures those)
+    memory.reset_peak(device())
     trainable, total = count_parameters(model)
     say(f"{cfg.train.method}: {trainable:,} of {total:,} weights trainable ({100 * trainable / total:.2f} %)")
     train_set, val_set, audit = _training_data(prep)
-    scorer = _validation_scorer(prep)
-    world = distributed()[1]
-    strategy = strategy_for(cfg.train, world, model, scorer)  # one process, DDP or FSDP, for all of training
     planned = memory_plan(prep, train_set)(strategy.plan_name, world)
     say(f"memory plan: {planned.line()}")
-    memory.reset_peak(next(model.parameters()).device)
     if resume and not newest_checkpoint(checkpoint):
         say("no checkpoint to resume from: training from the start")
-    log = train(model, train_set, val_set, cfg.train, prep.tokenizer.pad_token_id, cfg.seed,
-                log_path=run_dir / "train_log.jsonl", checkpoint_dir=checkpoint, resume=resume,
-                tensorboard_dir=run_dir / "tensorboard" if cfg.train.tensorboard else None, score_fn=scorer,
-                checkpoint_meta=inputs, measured=(measured := {}), strategy=strategy)
+    with tracking.training(cfg, run_dir, inputs["data"], resume) as on_step:  # MLflow, when configured
+        log = train(model, train_set, val_set, cfg.train, prep.tokenizer.pad_token_id, cfg.seed,
+                    log_path=run_dir / "train_log.jsonl", checkpoint_dir=checkpoint, resume=resume,
+                    tensorboard_dir=run_dir / "tensorboard" if cfg.train.tensorboard else None, score_fn=scorer,
+                    checkpoint_meta=inputs, measured=(measured := {}), strategy=strategy, on_step=on_step)
     _say_kept_step(cfg, log)
     say(f"peak memory per process: {max(measured['peak']) / memory.GB:.2f} GB (planned {planned.peak / memory.GB:.2f} GB)")
     return _save_trained(prep, run_dir, strategy.gather(model), {
@@ -178,7 +211,8 @@ def _training_data(prep: Prepared) -> tuple[list, list, dict]:
     val_set = [e for t in prep.tasks for e in t.encoded("validation", cfg.max_length)[: cfg.max_validation]]
     audit = audit_masking(train_set, set().union(*(t.fmt.end_ids() for t in prep.tasks)), "train split")
     say(f"masking audit: {audit['supervised_tokens']:,} of {audit['tokens']:,} tokens supervised "
-        f"({100 * audit['supervised_share']:.1f} %), end-of-sequence supervised in every example")
+        f"({100 * audit['supervised_share']:.1f} %) in {audit['trained_turns']:,} trained turns, each ending with "
+        "its end token")
     return train_set, val_set, audit
 
 
@@ -203,14 +237,65 @@ def _save_trained(prep: Prepared, run_dir: Path, model, facts: dict) -> Path:
     return out
 
 
-def memory_plan(prep: Prepared, train_set: list):
+def memory_plan(prep: Prepared, train_set: list, train_cfg=None, gpu: bool | None = None):
     """`plan(strategy, processes) -> Footprint`: what each training process will hold (`train/memory.py`) for this
-    model and the largest training pass."""
-    cfg = prep.cfg.train
-    shape = memory.model_shape(hf_config(prep.model_source, prep.cfg.model), cfg.method, cfg.lora)
+    model and the largest training pass; `train_cfg`: other training settings for the same model and data; `gpu`:
+    on a CUDA GPU or a CPU (default: this machine's device)."""
+    cfg = train_cfg or prep.cfg.train
+    gpu = device().type == "cuda" if gpu is None else gpu
+    key = (str(prep.model_source), prep.cfg.model.model_dump_json(), cfg.method, cfg.lora.model_dump_json())
+    if key not in _SHAPES:  # the model built on the meta device, once per method (advice tries several)
+        _SHAPES[key] = memory.model_shape(hf_config(prep.model_source, prep.cfg.model), cfg.method, cfg.lora)
+    shape = _SHAPES[key]
     tokens, supervised = memory.pass_size([len(e.input_ids) for e in train_set], [e.n_supervised for e in train_set],
-                                          cfg.batch_size, cfg.pass_tokens)
-    return functools.partial(memory.footprint, shape, tokens=tokens, supervised=supervised, **memory.plan_options(cfg))
+                                          cfg.batch_size, cfg.pass_tokens, examples=train_set, packing=cfg.packing,
+                                          share_prefix=cfg.share_prefix)
+    evaluation = 0
+    if cfg.eval_metric and train_set:  # generation on validation between steps: the longest prompt stands for them
+        prompt = max(len(e.input_ids) - e.n_supervised for e in train_set)
+        evaluation = memory.generation_bytes(shape, min(prep.cfg.evaluate.batch_size, cfg.metric_samples), prompt,
+                                             max(t.template.max_new_tokens for t in prep.tasks), cfg.bf16)
+    return functools.partial(memory.footprint, shape, tokens=tokens, supervised=supervised, evaluation=evaluation,
+                             device="cuda" if gpu else "cpu", **memory.plan_options(cfg))
+
+
+_SHAPES: dict = {}
+
+
+def fit_advice(prep: Prepared, train_set: list, strategy: str, processes: int, limit: float,
+               gpu: bool | None = None) -> str | None:
+    """None when the plan fits in `limit` bytes per process; else what it needs and the cheapest changes to the
+    config after which it fits (`memory.FIXES`, in order), each with its planned peak."""
+    plan = memory_plan(prep, train_set, gpu=gpu)(strategy, processes)
+    if plan.fits(limit):
+        return None
+    found = memory.fixes(lambda t: memory_plan(prep, train_set, t, gpu)(strategy, processes), prep.cfg.train, limit)
+    need = (f"train.method: {prep.cfg.train.method} needs ~{plan.peak / memory.GB:.1f} GB per process ({strategy} x "
+            f"{processes}), more than the {memory.HEADROOM * limit / memory.GB:.1f} GB it may use (90 % of "
+            f"{limit / memory.GB:.3g} GB)")
+    if not found:
+        return (need + "; no single change in `instructune.train.memory.FIXES` makes it fit: a smaller model, "
+                "shorter train.max_length, or more processes with train.strategy: fsdp (`instructune plan`)")
+    return need + "; changes that make it fit, cheapest first: " + "; ".join(
+        f"{memory.change_text(c)} → {p.peak / memory.GB:.1f} GB" for c, p in found)
+
+
+def check_fits(prep: Prepared, device_memory: float | None = None, force: bool = False) -> None:
+    """Refuse (exit 2, with the advice) a training the memory plan says cannot fit, before anything is loaded or
+    written; `device_memory` GB per process (default: this GPU, or this machine's memory shared by the processes
+    running on it); `force` trains anyway, with a warning."""
+    world = int(os.environ.get("WORLD_SIZE") or 1)  # the process group is not needed (nor made) for this
+    if device_memory:
+        limit = device_memory * memory.GB
+    else:
+        limit = memory.device_memory()[0] / (1 if device().type == "cuda" else local_processes())
+    train_set = [e for t in prep.tasks for e in t.encoded("train", prep.cfg.train.max_length)]
+    advice = fit_advice(prep, train_set, prep.cfg.train.strategy if world > 1 else "ddp", world, limit)
+    if advice and not force:
+        raise InstructuneError(f"the memory plan says this training does not fit: {advice} (--force trains anyway)",
+                               "--device-memory" if device_memory else "train")
+    if advice:
+        warn(f"--force: training although the memory plan says it does not fit: {advice}")
 
 
 def _say_kept_step(cfg: ExperimentConfig, log: list[dict]) -> None:
@@ -235,7 +320,7 @@ def run_evaluate(prep: Prepared, run_dir: Path) -> dict:
             raise InstructuneError(f"the model in this run was not trained with task {task.name!r}; run `instructune "
                                    f"train` again after changing the tasks", str(run_dir / "model"))
         fmt = meta.prompt_format(tokenizer, saved.separator)
-        prompts = [fmt.prompt_text(saved.pair(r).messages) for r in task.records["test"]]
+        prompts = [fmt.prompt_text(p.messages, tools=p.tools) for p in map(saved.pair, task.records["test"])]
         preds, mode = answer(model, fmt, saved, prompts, cfg.evaluate, f"{task.name}: fine-tuned")
         results[task.name] = {"finetuned": score(task.template, task.pairs["test"], preds, prompts, mode)}
         results[task.name]["finetuned"]["prompts_cut"] = fmt.prompts_cut(prompts, saved.max_new_tokens)
@@ -265,5 +350,6 @@ def report(run_dir: Path, cfg: ExperimentConfig) -> dict:
                                              "config": _baseline_config(cfg)})
     rundir.begin(run_dir, "report", {"train": trained["id"], "evaluate": evaluated["id"]})
     results = write_report(run_dir, cfg)
+    tracking.finish(run_dir, cfg, results)  # MLflow, when configured: final metrics, report and results
     rundir.finish(run_dir, "report")
     return results

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -106,8 +107,29 @@ def replaced_folder(target: Path, keep_old: bool = False):
     except OSError as e:
         e.filename = e.filename or str(target)
         raise
+    except Exception as e:  # safetensors and torch.save report a full disk as their own exception types
+        fault = file_system_fault(e, target)
+        if fault is None:
+            raise
+        raise fault from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+FAULTS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EIO)
+
+
+def file_system_fault(e: BaseException, where) -> OSError | None:
+    """`e` as the OSError it reports (disk full, read-only, permission denied, quota, I/O), naming `where` when it
+    names no file itself; None when it is no file-system fault. Libraries that write files (safetensors, torch.save)
+    raise their own exception types with the system's message inside."""
+    for reason in FAULTS:
+        if isinstance(e, OSError) and e.errno == reason:
+            e.filename = e.filename or str(where)
+            return e
+        if os.strerror(reason) in str(e):
+            return OSError(reason, os.strerror(reason), str(where))
+    return None
 
 
 def old_copy(target: Path) -> Path:

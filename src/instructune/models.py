@@ -45,8 +45,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("INSTRUCTUNE_CACHE", Path.home() / ".cache" / "instructune"))
 
 
-def resolve_model(cfg: ModelConfig, key: str = "model.name") -> str:
-    """A local folder with safetensors weights (presets and GGUF files are converted once, then cached), or a hub id."""
+def resolve_model(cfg: ModelConfig, key: str = "model.name", weights: bool = True) -> str:
+    """A local folder with safetensors weights (presets and GGUF files are converted once, then cached), or a hub id.
+    `weights=False` (the memory plan, which reads the config only): a local folder needs no weight files."""
     name = cfg.name
     if name in PRESETS:
         return str(check_model_folder(_preset_folder(name), key))
@@ -60,7 +61,7 @@ def resolve_model(cfg: ModelConfig, key: str = "model.name") -> str:
     if path.exists():
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise InstructuneError("folder has no config.json: not a Hugging Face model folder", f"{key}: {path}")
-        return str(check_model_folder(path.resolve(), key))
+        return str(check_model_folder(path.resolve(), key, weights))
     if looks_like_hub_id(name):
         return name  # loaded from the hub (online users); errors there are reported by load_model
     raise InstructuneError(f"model path does not exist (and {name!r} is not a preset {sorted(PRESETS)} or a hub id)", f"{key}: {name}")
@@ -131,7 +132,7 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:300]
 
 
-def check_model_folder(folder, key: str | None = None) -> Path:
+def check_model_folder(folder, key: str | None = None, weights: bool = True) -> Path:
     """A local model or adapter folder, checked before anything is loaded from it: its config is JSON and its weights
     are safetensors files with readable headers (a truncated or garbage file is named here, not deep in a load).
     Pickle weights (.bin, .pt, .pkl, ...) are refused: loading one can run code. An adapter's local base folder is
@@ -147,8 +148,8 @@ def check_model_folder(folder, key: str | None = None) -> Path:
         base = settings.get("base_model_name_or_path") if adapter else None
         if isinstance(base, str) and Path(base).is_dir() and Path(base).resolve() != folder.resolve():
             check_model_folder(base, key)
-    for weights in _weight_files(folder, adapter, where, key):
-        _check_safetensors(weights, where(weights))
+    for file in _weight_files(folder, adapter, where, key) if weights else ():
+        _check_safetensors(file, where(file))
     return folder
 
 
@@ -386,9 +387,11 @@ def _weights(p) -> int:
     return math.prod(state.shape) if state is not None else p.numel()
 
 
-def training_model(source: str, model_cfg: ModelConfig, train_cfg: TrainConfig):
+def training_model(source: str, model_cfg: ModelConfig, train_cfg: TrainConfig, empty: bool = False):
     """The model to fine-tune, on the training device: LoRA-wrapped (on a 4-bit base for QLoRA), or whole for full
-    fine-tuning; with `train.gradient_checkpointing`, checkpointed per decoder layer.
+    fine-tuning; with `train.gradient_checkpointing`, checkpointed per decoder layer. `empty`: no weight is read,
+    the model's own weights stay on the meta device (`empty_model`; its LoRA adapter is made as in a loaded model),
+    for `train/fsdp.py` to shard and fill.
 
     LoRA and QLoRA under `train.bf16` keep the frozen (QLoRA: not quantized) weights in bf16: half the memory, and
     autocast need not cast every weight at every pass (on a CPU that cast costs more than the bf16 matmuls save).
@@ -401,16 +404,62 @@ def training_model(source: str, model_cfg: ModelConfig, train_cfg: TrainConfig):
     method = train_cfg.method
     quantization = quantization_config(train_cfg.quant_type, train_cfg.double_quant) if method == "qlora" else None
     frozen_bf16 = train_cfg.bf16 and method in ("lora", "qlora")
-    model = load_model(source, model_cfg, torch.bfloat16 if frozen_bf16 else None, quantization)
+    dtype = torch.bfloat16 if frozen_bf16 else None
+    model = empty_model(source, model_cfg, dtype) if empty else load_model(source, model_cfg, dtype, quantization)
     if method in ("lora", "qlora"):
-        model = wrap_lora(model, train_cfg.lora)
+        with _adapter_kept(model) if empty else contextlib.nullcontext():
+            model = wrap_lora(model, train_cfg.lora)
         if frozen_bf16 or quantization is not None:
             for p in model.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
     if train_cfg.gradient_checkpointing:
         checkpoint_layers(model)
-    return model.to(device())
+    return model if empty else model.to(device())
+
+
+def empty_model(source: str, cfg: ModelConfig, dtype=None):
+    """The model `load_model` gives, with its weights on the meta device (no memory; nothing read) and its buffers
+    computed on the CPU (the rotary frequencies are non-persistent: no weight file holds them)."""
+    import copy
+
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig
+
+    cls = AutoModelForSeq2SeqLM if is_encoder_decoder(source, cfg) else AutoModelForCausalLM
+    with init_empty_weights(include_buffers=False):  # from_config writes into its config: a copy of the cached one
+        model = cls.from_config(copy.deepcopy(hf_config(source, cfg)), dtype=dtype or torch.float32,
+                                trust_remote_code=cfg.trust_remote_code)
+    model.tie_weights()  # accelerate registers each weight anew on the meta device, which unties them
+    with contextlib.suppress(OSError):  # what `from_pretrained` reads besides the weights
+        model.generation_config = GenerationConfig.from_pretrained(source, revision=cfg.revision)
+    return model
+
+
+@contextlib.contextmanager
+def _adapter_kept(model):
+    """peft makes each adapter on the CPU (from the same random draws as over a loaded model), then moves it to its
+    base layer's device: to the meta device, losing its values. While peft wraps, each meta weight is a CPU stand-in
+    (one element expanded to the weight's shape: no memory); then every weight but the adapter's is the meta one
+    again (a module peft copies whole, `modules_to_save`, gets a meta copy)."""
+    import torch
+
+    metas = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                stand_in = torch.nn.Parameter(torch.empty((), dtype=p.dtype).expand(p.shape), p.requires_grad)
+                metas.setdefault(id(p), (p, stand_in))
+                module._parameters[name] = metas[id(p)][1]
+    yield
+    originals = {id(stand_in): p for p, stand_in in metas.values()}
+    for path, module in model.named_modules():
+        for name, p in module._parameters.items():
+            if p is not None and id(p) in originals:  # frozen or not as peft left the stand-in
+                module._parameters[name] = originals[id(p)].requires_grad_(p.requires_grad)
+            elif p is not None and ".modules_to_save." in f".{path}.":
+                module._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
 
 
 def load_for_inference(source: str, cfg: ModelConfig, quantization=None):

@@ -18,6 +18,7 @@ from .evaluate.likelihood import choice_logprobs
 from .io import atomic_write
 from .models import load_finetuned
 from .prompts import TaskTemplate
+from .runtime import say
 
 
 def record_from_text(text: str, template: TaskTemplate, where: str = "TEXT") -> Record:
@@ -52,26 +53,48 @@ def predict_file(model_dir: Path, input_path: Path, output: Path | None = None, 
         raise InstructuneError("exists; choose another --output or pass --overwrite", f"--output {output}")
     if output.resolve() == input_path.resolve():
         raise InstructuneError("would overwrite the input file", f"--output {output}")
+    if batch_size < 1:
+        raise InstructuneError(f"must be at least 1, not {batch_size}", "--batch-size")
     records = load_records(str(input_path))  # bad records fail here or in the template, with file:line
     model, tokenizer, manifest = load_finetuned(model_dir)
     template = manifest.task_template(task)
     fmt = manifest.prompt_format(tokenizer, template.separator)
     prompts = [fmt.prompt_text(template.prompt_only(r)) for r in records]
     rows = [dict(r.data) for r in records]
-    if tasktypes.get(template.type).choices and template.choices and not fmt.seq2seq:
+    by_likelihood = tasktypes.get(template.type).choices and template.choices and not fmt.seq2seq
+    name = output_names(records, ("prediction", "label", "probability") if by_likelihood else ("prediction",),
+                        input_path)
+    if by_likelihood:
         scores = choice_logprobs(model, fmt, prompts, template.choices, batch_size=batch_size, desc="predicting",
                                  answer_tokens=template.max_new_tokens)
         probs = torch.softmax(scores, dim=-1)
         for row, p in zip(rows, probs):
             best = int(p.argmax())
-            row.update(prediction=template.choices[best], label=template.choices[best], probability=round(float(p[best]), 6))
+            row.update({name["prediction"]: template.choices[best], name["label"]: template.choices[best],
+                        name["probability"]: round(float(p[best]), 6)})
     else:
         preds = generate(model, fmt, prompts, max_new_tokens or template.max_new_tokens, batch_size, desc="predicting")
         for row, pred in zip(rows, preds):
-            row["prediction"] = pred
+            row[name["prediction"]] = pred
     atomic_write(output, _csv(rows) if output.suffix.lower() == ".csv" else
                  "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
     return output, len(rows)
+
+
+def output_names(records: list[Record], own: tuple[str, ...], where: Path) -> dict[str, str]:
+    """The names of the fields predict adds: its own (`prediction`, ...), or all of them prefixed `instructune_` when
+    an input record has one of them (its gold `label`, say), so no input field is ever overwritten."""
+    fields = set().union(*(r.data for r in records)) if records else set()
+    clash = sorted(fields & set(own))
+    if not clash:
+        return {k: k for k in own}
+    names = {k: f"instructune_{k}" for k in own}
+    if taken := sorted(fields & set(names.values())):
+        raise InstructuneError(f"the input records have the fields {clash + taken}, every name predict could write "
+                               "its answers under; rename one of them", str(where))
+    say(f"the input records have the field(s) {', '.join(clash)}: the answers are written as "
+        f"{', '.join(names.values())}, and the input's fields are kept as they are")
+    return names
 
 
 def _csv(rows: list[dict]) -> str:

@@ -13,13 +13,15 @@ from pathlib import Path
 
 from .errors import InstructuneError
 from .io import read_json, write_json
-from .runtime import is_main_process
+from .runtime import is_main_process, say
 
 MARKER = ".instructune-run"
+EXPORT_MARKER = ".instructune-export"  # in every folder `instructune export` made, listing its files
 LOCK = ".lock"
 STATUS = "run_status.json"
 # what each stage writes, and which stages use its output
-OUTPUTS = {"baseline": ["baseline.json"], "train": ["model", "train_log.jsonl", "tensorboard", "export"],
+# (a sweep's folder describes how the model was chosen: a new training replaces it; `instructune sweep` keeps it)
+OUTPUTS = {"baseline": ["baseline.json"], "train": ["model", "train_log.jsonl", "tensorboard", "export", "sweep"],
            "evaluate": ["finetuned.json"], "report": ["results.json", "report.md", "report.html"]}
 DOWNSTREAM = {"baseline": ["report"], "train": ["evaluate", "report"], "evaluate": ["report"], "report": []}
 _held: dict[str, object] = {}  # run folder -> its open lock file, held until the command ends (`release`)
@@ -105,12 +107,48 @@ def begin(run_dir: Path, stage: str, inputs: dict, keep: tuple[str, ...] = ()) -
             if out in keep:
                 continue
             path = run_dir / out
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            if out == "export":
+                remove_exports(path)
+            else:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     run_id = uuid.uuid4().hex[:12]
     st["stages"][stage] = {"complete": False, "id": run_id, "inputs": inputs,
                            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json(run_dir / STATUS, st)
     return run_id
+
+
+def remove_exports(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Exports made from a model a retraining replaces are stale: remove the files each export's marker lists (a
+    marker without a list: its whole folder, which the export replaced whole), keep every other file, say both.
+    Returns (removed, kept)."""
+    removed, kept = [], []
+    for marker in sorted(folder.rglob(EXPORT_MARKER)) if folder.is_dir() else []:
+        data = read_json(marker, "export marker")
+        listed = data.get("files") if isinstance(data, dict) else None
+        targets = ([marker.parent / n for n in listed if isinstance(n, str) and n not in ("", ".", "..")
+                    and "/" not in n and "\\" not in n] if isinstance(listed, list) else [marker.parent])
+        for path in targets:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            else:
+                continue
+            removed.append(path)
+    for path in sorted(folder.rglob("*"), reverse=True) if folder.is_dir() else []:
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        elif path.is_file():
+            kept.append(path)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    if removed:
+        say(f"retraining: removed the exports of the previous model ({', '.join(str(p) for p in removed[:8])}"
+            f"{', ...' if len(removed) > 8 else ''})")
+    if kept:
+        say(f"retraining: kept {len(kept)} file(s) no export wrote in {folder} ({', '.join(p.name for p in kept[:5])})")
+    return removed, sorted(kept)
 
 
 def finish(run_dir: Path, stage: str, **extra) -> None:

@@ -56,6 +56,11 @@ def distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def local_processes() -> int:
+    """How many processes of this launch run on this machine (on a CPU they share its memory)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1))
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether this device computes bfloat16 natively: a GPU that supports it, or a CPU with AVX512-BF16 or AMX
     (oneDNN's check). Elsewhere torch emulates bf16 matmuls, several times slower than fp32."""

@@ -7,7 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from . import tasktypes
+from . import preflight, tasktypes
 from .config import ExperimentConfig, TaskConfig
 from .data import Record, detect_shape, read_sources, split_sources
 from .data.leakage import find_leakage
@@ -16,7 +16,9 @@ from .manifest import VERSION, Manifest
 from .models import (PRESETS, context_length, is_encoder_decoder, load_tokenizer, require_bitsandbytes, resolve_model,
                      use_chat_template, versions)
 from .prompts import Encoded, Pair, PromptFormat, TaskTemplate, build_task_template
-from .runtime import device, native_bf16, warn
+from .prompts.conversation import turn_report
+from .runtime import device, native_bf16, say, warn
+from .train.auto import resolve as resolve_auto
 
 
 @dataclass
@@ -56,21 +58,28 @@ class Prepared:
     seq2seq: bool = False
 
 
-def prepare(cfg: ExperimentConfig) -> Prepared:
-    """Load and check everything that could be bad input (model, data, templates, k-shot supply); writes nothing."""
-    if cfg.train.method == "qlora":
+def prepare(cfg: ExperimentConfig, weights: bool = True) -> Prepared:
+    """Load and check everything that could be bad input (model, data, templates, k-shot supply); writes nothing.
+    `weights=False` (`instructune plan`): a local model folder needs only its config and tokenizer."""
+    if cfg.train.method == "qlora" and weights:
         require_bitsandbytes()  # before anything is loaded or run, not at the training stage
-    source = resolve_model(cfg.model)
+    source = resolve_model(cfg.model, weights=weights)
     tokenizer = load_tokenizer(source, cfg.model)
     chat = use_chat_template(tokenizer, cfg.model.chat_template)
     seq2seq = is_encoder_decoder(source, cfg.model)
+    context = context_length(source, cfg.model)
+    limit = max(context, cfg.train.max_length)  # (context_length is capped) a longer OpenAI conversation is refused
     tasks = []
     for i, tc in enumerate(cfg.tasks):
-        tasks.append(build_task(tc, cfg, PromptFormat(tokenizer, chat, seq2seq=seq2seq), f"tasks.{i}.data ({tc.name})"))
-    held = [build_task(tc, cfg, PromptFormat(tokenizer, chat, seq2seq=seq2seq), f"forgetting.{i}.data ({tc.name})", True)
-            for i, tc in enumerate(cfg.forgetting)]
+        tasks.append(build_task(tc, cfg, PromptFormat(tokenizer, chat, seq2seq=seq2seq, context=limit),
+                                f"tasks.{i}.data ({tc.name})"))
+    held = [build_task(tc, cfg, PromptFormat(tokenizer, chat, seq2seq=seq2seq, context=limit),
+                       f"forgetting.{i}.data ({tc.name})", True) for i, tc in enumerate(cfg.forgetting)]
     _bf16_where_native(cfg)
-    return Prepared(cfg, source, tokenizer, chat, context_length(source, cfg.model), tasks, held, seq2seq)
+    for line in resolve_auto(cfg.train, tasks):  # `train.epochs/lr: auto`, from the training split
+        say(line)
+    preflight.check(cfg, source, tasks + held)  # what the config decides, before any folder
+    return Prepared(cfg, source, tokenizer, chat, context, tasks, held, seq2seq)
 
 
 def _bf16_where_native(cfg: ExperimentConfig) -> None:
@@ -107,8 +116,11 @@ def build_task(tc: TaskConfig, cfg: ExperimentConfig, fmt: PromptFormat, where: 
         for split in ("validation", "test"):
             for p in pairs.get(split, []):
                 template.check_label(p.completion, p.where)
-    fmt = PromptFormat(fmt.tok, fmt.chat, template.separator, fmt.seq2seq)
+    fmt = PromptFormat(fmt.tok, fmt.chat, template.separator, fmt.seq2seq, context=fmt.context)
     task = Task(template, records, pairs, fmt, held_out)
+    if template.template is None and any("messages" in p.record for p in pairs["train"]):
+        for split in pairs:  # OpenAI's checks that need tokens (too long, tool support): before anything is written
+            task.encoded(split, cfg.train.max_length)
     if not held_out:
         task.leakage = find_leakage([input_text(template, p) for p in pairs["train"]],
                                     [input_text(template, p) for p in pairs["test"]], cfg.evaluate.leakage_threshold)
@@ -146,7 +158,8 @@ def data_fingerprint(tasks: list[Task]) -> str:
     for t in tasks:
         for split in ("train", "validation", "test"):
             for p in t.pairs.get(split, []):
-                h.update(json.dumps([t.name, split, p.messages, p.completion], sort_keys=True).encode())
+                rich = [p.tools, p.trained, p.answer, p.answer_weight] if p.conversation else []  # weights, tools
+                h.update(json.dumps([t.name, split, p.messages, p.completion, *rich], sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -165,6 +178,28 @@ def data_stats(prep: Prepared) -> dict:
                                         "examples": [{"where": e.where, "text": f"{e.cut} tokens cut"} for e in cut[:3]]},
                           "leakage": task.leakage}
     return out
+
+
+def turn_stats(task: Task, max_length: int) -> dict | None:
+    """A chat task's training conversations turn by turn, for `data lint`: the most tokens of a turn per role, the
+    trained assistant turns, and per conversation that `train.max_length` cuts, what each turn loses (None: the
+    task has no chat records, or the model no chat template)."""
+    pairs = [(p, e) for p, e in zip(task.pairs.get("train", []), task.encoded("train", max_length))
+             if "messages" in p.record]
+    if not pairs or not task.fmt.chat or task.fmt.seq2seq:
+        return None
+    most: dict[str, int] = {}
+    trained, cut = 0, []
+    for p, e in pairs:
+        turns = turn_report(task.fmt.tok, p, e.cut, e.cut_end)
+        for t in turns:
+            most[t["role"]] = max(most.get(t["role"], 0), t["tokens"])
+            trained += t["trained"]
+        if e.cut:
+            cut.append({"where": e.where, "text": "; ".join(
+                f"turn {i} ({t['role']}{', trained' if t['trained'] else ''}) loses {t['cut']} of {t['tokens']} tokens"
+                for i, t in enumerate(turns) if t["cut"])})
+    return {"max_tokens": most, "trained_turns": trained, "conversations": len(pairs), "cut": cut}
 
 
 def manifest(prep: Prepared, extra: dict) -> Manifest:

@@ -156,7 +156,7 @@ def test_report_refuses_outputs_made_from_another_config(tmp_path, tiny_model):
 
 
 def test_a_nan_inducing_learning_rate_stops_with_exit_3_and_writes_no_result(tmp_path, tiny_model):
-    config = write_config(tmp_path, tiny_config(tmp_path, tiny_model, lr=1e30, max_grad_norm=None, method="full",
+    config = write_config(tmp_path, tiny_config(tmp_path, tiny_model, lr=1000, max_grad_norm=None, method="full",
                                                 epochs=3))
     result = cli("run", config)
     assert result.exit_code == 3, result.output

@@ -13,6 +13,7 @@ import re
 import unicodedata
 from pathlib import Path
 
+from ..errors import InstructuneError
 from ..io import atomic_write
 
 TASKS = ("support_tickets", "incident_summaries", "en_fr_translation", "company_qa", "news_ner")
@@ -586,9 +587,28 @@ in that file, sampled with Python's `random` (one generator per task and split).
 """
 
 
+MARKER = ".instructune-demo"  # in every folder demo-data wrote: a rerun may rewrite it, nothing else is touched
+
+
+def check_demo_folder(out: Path) -> Path:
+    """Refuse a folder demo-data did not write (before the first byte): a file, or a folder holding anything but a
+    demo suite (its marker, or only the task folders and this README, as written before the marker existed)."""
+    if out.exists() and not out.is_dir():
+        raise InstructuneError("exists and is not a folder", str(out))
+    if out.is_dir() and not (out / MARKER).is_file():
+        readme = out / "README.md"
+        ours = not readme.exists() or (readme.is_file() and readme.read_text(errors="replace").startswith(README[:40]))
+        other = sorted(p.name for p in out.iterdir() if p.name not in {*TASKS, "README.md"}) or ([] if ours else ["README.md"])
+        if other:
+            raise InstructuneError(f"this folder holds other files ({', '.join(other[:5])}) and was not made by "
+                                   "`instructune demo-data`; choose an empty or new folder", str(out))
+    return out
+
+
 def write_demo_data(out_dir, seed: int = 0) -> list[Path]:
     """Write `<out_dir>/<task>/<split>.jsonl` for every task, plus a README; returns the paths written."""
-    out, paths = Path(out_dir), []
+    out, paths = check_demo_folder(Path(out_dir)), []
+    atomic_write(out / MARKER, f"written by `instructune demo-data` (seed {seed}); it may rewrite this folder\n")
     for task in TASKS:
         for split, records in generate(task, seed).items():
             path = out / task / f"{split}.jsonl"

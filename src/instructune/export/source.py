@@ -8,8 +8,8 @@ from pathlib import Path
 from ..errors import InstructuneError
 from ..manifest import MANIFEST, Manifest
 from ..models import check_model_folder, load_model, load_tokenizer, quiet_peft
+from ..rundir import EXPORT_MARKER  # in every folder an export made, so a rerun may replace it
 
-EXPORT_MARKER = ".instructune-export"  # written into every folder an export made, so a rerun may replace it
 
 
 def model_folder(run_or_model_dir) -> Path:

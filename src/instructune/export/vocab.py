@@ -14,6 +14,12 @@ from ..errors import InstructuneError
 # the ones llama.cpp's converter writes after recognising the tokenizer by hashing its output).
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                 r"|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")  # Qwen 2/2.5/3: single digits
+TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+                r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")  # Mistral's tekken (Nemo, Small 3)
+SPLITS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2", TEKKEN_SPLIT: "tekken"}
 SPIECE = "\u2581"
 
 
@@ -64,9 +70,8 @@ def byte_level_pre(tj: dict) -> str | None:
         return "gpt-2"  # llama.cpp's name (LLAMA_VOCAB_PRE_TYPE_GPT2); "gpt2" is the tokenizer model's
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) \
-            and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT:
-        return "llama-bpe"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        return SPLITS.get(steps[0].get("pattern", {}).get("Regex"))
     return None
 
 
@@ -98,7 +103,7 @@ def build_vocab(tokenizer, n_rows: int, end_of_turn: int | None) -> GGUFVocab:
         if pre is None:
             raise InstructuneError("this byte-level tokenizer splits text in a way GGUF export does not know "
                                    f"(pre_tokenizer {json.dumps(tj.get('pre_tokenizer'))[:200]}); supported: GPT-2, "
-                                   "SmolLM (digits) and Llama 3 splits")
+                                   "SmolLM (digits), Llama 3, Qwen 2 and Mistral tekken splits")
         out = GGUFVocab("gpt2", pre, [], [])
         out.merges = [" ".join("".join(chr(ord(c) + 256) if c == " " else c for c in part) for part in pair)
                       for pair in _merges(tj)]  # a space inside a merge part is escaped as llama.cpp's converter does

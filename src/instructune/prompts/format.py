@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import InstructuneError
+from .conversation import conversation_features, segments
 from .template import Pair
 
 SHOT_DELIMITER = "\n\n"
@@ -17,6 +19,7 @@ class Encoded:
     where: str = ""
     seq2seq: bool = False  # encoder-decoder (T5): input_ids is the encoder's prompt, labels the decoder's target
     cut: int = 0  # tokens dropped to fit max_length (the lint reports them)
+    cut_end: int = 0  # of those, the completion's last tokens but its end token (the rest: the prompt's oldest)
 
     @property
     def n_supervised(self) -> int:
@@ -40,21 +43,24 @@ def fit_prompt(ids: list[int], keep: int) -> list[int]:
 class PromptFormat:
     """Renders pairs for one tokenizer. `chat=True` uses the tokenizer's chat template, shots as earlier turns."""
 
-    def __init__(self, tokenizer, chat: bool, separator: str = "\n", seq2seq: bool = False, max_length: int | None = None):
+    def __init__(self, tokenizer, chat: bool, separator: str = "\n", seq2seq: bool = False, max_length: int | None = None,
+                 context: int | None = None):
         self.tok = tokenizer
         self.chat = chat
         self.separator = separator
         self.seq2seq = seq2seq
         self.max_length = max_length  # training's train.max_length: inference cuts prompts as training did
+        self.context = context  # the model's context length: a longer OpenAI conversation is refused, as OpenAI does
 
     # -- text ---------------------------------------------------------------------------------------------------
-    def prompt_text(self, messages: list[dict], shots: list[Pair] = ()) -> str:
+    def prompt_text(self, messages: list[dict], shots: list[Pair] = (), tools: list[dict] | None = None) -> str:
+        """The prompt of `messages` (with k-shot examples); `tools`: an OpenAI record's, for its chat template."""
         if self.chat:
             convo = [m for m in messages[:-1]]  # system prompt and earlier turns come first, then the shots
             for shot in shots:
                 convo += [shot.messages[-1], {"role": "assistant", "content": shot.completion}]
             convo.append(messages[-1])
-            return self.tok.apply_chat_template(convo, add_generation_prompt=True, tokenize=False)
+            return self.tok.apply_chat_template(convo, tools=tools, add_generation_prompt=True, tokenize=False)
         parts = [self._plain(s.messages) + self.separator + s.completion for s in shots]
         # The prompt stops before the separator's trailing space, which the completion carries (" billing"), so the
         # answer is tokenized as it is in the shots and in ordinary text.
@@ -89,22 +95,51 @@ class PromptFormat:
         """Prompt and completion tokenized apart (so generation sees exactly the training prompt), EOS appended.
 
         Past `max_length` the prompt is cut by `prompt_room` (the rule inference uses too, without the completion
-        at hand), and the completion keeps what room is left, ending with its end token."""
-        prompt_ids = self.encode_prompt(self.prompt_text(pair.messages))
-        completion_ids = self.tok(self.completion_text(pair), add_special_tokens=False)["input_ids"]
+        at hand), and the completion keeps what room is left, ending with its end token. An OpenAI conversation
+        (`Pair.conversation`) is the same prompt and completion, with its earlier trained turns labelled in the
+        prompt (and no label on a final turn of weight 0); longer than the model's context it is refused."""
+        if pair.conversation:  # an OpenAI record training several turns, or with tools: turn by turn
+            prompt_ids, prompt_labels, completion_ids = self._conversation_tokens(pair)
+        else:
+            prompt_ids = self.encode_prompt(self.prompt_text(pair.messages))
+            prompt_labels = [IGNORE] * len(prompt_ids)
+            completion_ids = self.tok(self.completion_text(pair), add_special_tokens=False)["input_ids"]
         end = self.end_ids()
-        if not completion_ids or completion_ids[-1] not in end:
+        if pair.answer_weight and (not completion_ids or completion_ids[-1] not in end):
             completion_ids = completion_ids + [self.tok.eos_token_id]
         full = len(prompt_ids) + len(completion_ids)
-        prompt_ids = fit_prompt(prompt_ids, prompt_room(max_length, answer_tokens, self.seq2seq))
+        if self.context and full > self.context and "messages" in pair.record:  # OpenAI's own limit, and error
+            raise InstructuneError(f"too many tokens: the conversation is {full:,} tokens, over the model's context "
+                                   f"of {self.context:,}; split or shorten it", pair.where)
+        keep = prompt_room(max_length, answer_tokens, self.seq2seq)
+        prompt_ids, prompt_labels = fit_prompt(prompt_ids, keep), fit_prompt(prompt_labels, keep)  # the same cut
         # a decoder holds prompt and completion in one row; an encoder-decoder's target has a row of its own
         room = max_length if self.seq2seq else max_length - len(prompt_ids)
-        if len(completion_ids) > room:
+        cut_end = max(len(completion_ids) - room, 0)
+        if cut_end:
             completion_ids = completion_ids[: max(room - 1, 0)] + completion_ids[-1:]
         cut = full - len(prompt_ids) - len(completion_ids)
         if self.seq2seq:  # the encoder reads the prompt, the decoder learns the whole completion
-            return Encoded(prompt_ids, completion_ids, pair.where, seq2seq=True, cut=cut)
-        return Encoded(prompt_ids + completion_ids, [IGNORE] * len(prompt_ids) + completion_ids, pair.where, cut=cut)
+            return Encoded(prompt_ids, completion_ids, pair.where, seq2seq=True, cut=cut, cut_end=cut_end)
+        answer = completion_ids if pair.answer_weight else [IGNORE] * len(completion_ids)
+        return Encoded(prompt_ids + completion_ids, prompt_labels + answer, pair.where, cut=cut, cut_end=cut_end)
+
+    def _conversation_tokens(self, pair: Pair) -> tuple[list[int], list[int], list[int]]:
+        """The tokens before the final assistant turn with their labels (earlier trained turns are their own
+        targets), and the final turn's tokens; each piece tokenized apart, as a prompt and its completion are."""
+        features = conversation_features(pair)
+        if not self.chat or self.seq2seq:
+            raise InstructuneError(f"this record has {features}, which needs the model's chat template; "
+                                   f"{'an encoder-decoder model' if self.seq2seq else 'the model has none'} trains one "
+                                   "answer per record (give earlier assistant turns \"weight\": 0 and drop tools)",
+                                   pair.where)
+        pieces, answer = segments(self.tok, pair)
+        ids, labels = [], []
+        for i, (text, trained) in enumerate(pieces):
+            piece = self.encode_prompt(text) if i == 0 else self.tok(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            labels += piece if trained else [IGNORE] * len(piece)
+        return ids, labels, self.tok(answer, add_special_tokens=False)["input_ids"]
 
     def prompt_ids(self, text: str, answer_tokens: int) -> list[int]:
         """A prompt's tokens at inference, cut exactly as training cut it (`max_length` of the training this format

@@ -22,9 +22,9 @@ def kshot_prompts(fmt: PromptFormat, test: list[Pair], train: list[Pair], k: int
     prompts = []
     for i, pair in enumerate(test):
         examples = shots_for(train, i, k, seed, task) if k else []
-        text = fmt.prompt_text(pair.messages, examples)
+        text = fmt.prompt_text(pair.messages, examples, pair.tools)
         if k and len(fmt.encode_prompt(text)) > room:
             examples = sorted(train, key=lambda p: len(p.completion) + len(str(p.messages)))[:k]
-            text = fmt.prompt_text(pair.messages, examples)
+            text = fmt.prompt_text(pair.messages, examples, pair.tools)
         prompts.append(text)
     return prompts

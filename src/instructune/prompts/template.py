@@ -19,6 +19,7 @@ from jinja2.visitor import NodeTransformer
 from .. import tasktypes
 from ..config import LimitsConfig, TaskConfig, TemplateConfig
 from ..data.load import Record
+from ..data.openai_chat import Conversation, answer_text, check_conversation
 from ..data.shapes import check_entities, check_messages, detect_shape, text_value
 from ..errors import InstructuneError
 from .library import LIBRARY, Template
@@ -32,10 +33,20 @@ MAX_POW_BITS = 100_000  # an integer power larger than this many bits is refused
 class Pair:
     """What the model sees (chat `messages`, the last one the user's) and what it should answer (`completion`)."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     completion: str
     where: str = ""
     record: dict[str, Any] = field(default_factory=dict)
+    # An OpenAI chat record may train more than its last turn (see data/openai_chat.py, prompts/conversation.py):
+    tools: list[dict[str, Any]] | None = None  # its `tools`, rendered by the chat template's tool support
+    trained: tuple[int, ...] = ()  # earlier assistant turns (indices into `messages`) trained as well (weight 1)
+    answer: dict[str, Any] | None = None  # the final assistant turn when it is more than `completion` (tool calls)
+    answer_weight: int = 1  # 0: the final assistant turn is context, not trained (it stays evaluation's reference)
+
+    @property
+    def conversation(self) -> bool:
+        """Whether training needs the whole conversation rendered turn by turn (not one prompt and one completion)."""
+        return bool(self.trained or self.tools or self.answer or not self.answer_weight)
 
 
 def format_entities(entities) -> str:
@@ -485,12 +496,22 @@ def _shaped_pair(record: Record, need_completion: bool = True, integer_ok: bool 
         return Pair(messages, text_value(d["output"], "output", where, integer_ok, empty_ok=False).strip(), where, d)
     if shape == "messages":
         if need_completion:
-            messages = check_messages(d["messages"], where)
-            return Pair(messages[:-1], messages[-1]["content"].strip(), where, d)
+            return conversation_pair(check_conversation(d, where), where, d)
         messages = check_messages(d["messages"], where, last=None)
         return Pair(messages if messages[-1]["role"] != "assistant" else messages[:-1], "", where, d)
     raise InstructuneError(f"record is neither prompt/completion, Alpaca nor chat messages (fields {sorted(d)}); "
-                           "give the task a `template`", where)
+                           "give the task a `template` (a chat record needs a `messages` list: OpenAI's "
+                           "missing_messages_list)", where)
+
+
+def conversation_pair(convo: Conversation, where: str, record: dict[str, Any]) -> Pair:
+    """A checked OpenAI chat record as a pair: the final assistant turn is the completion (evaluation's reference),
+    the turns before it the prompt; earlier assistant turns of weight 1 are trained too."""
+    *before, last = convo.messages
+    trained = tuple(i for i, w in enumerate(convo.weights[:-1]) if w)
+    rich = set(last) - {"role", "content"}  # tool calls (or a name): rendered from the turn itself
+    return Pair(before, answer_text(last), where, record, tools=convo.tools, trained=trained,
+                answer=last if rich else None, answer_weight=convo.weights[-1])
 
 
 def _non_empty(text: str, name: str, where: str) -> str:

@@ -15,6 +15,7 @@ import yaml
 
 from ..io import atomic_write
 from .markdown import headline
+from .sweep import sweep_html
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0 auto;max-width:1200px;
@@ -337,7 +338,8 @@ def render_html(results: dict, config: dict | None = None) -> str:
         body.append('<section id="overview"><h2>Primary metric</h2>' + _primary_chart(tasks, level) + "</section>")
     perplexity = results.get("perplexity") or {}
     body += [_task_section(n, t, perplexity.get(n) if isinstance(perplexity, dict) else None, level) for n, t in tasks.items()]
-    body += [_training(results.get("training")), _forgetting(results.get("forgetting"), level), _leakage(results.get("leakage"))]
+    body += [sweep_html(results.get("sweep"), level, _figure), _training(results.get("training")),
+             _forgetting(results.get("forgetting"), level), _leakage(results.get("leakage"))]
     config = config if config is not None else results.get("config")
     if config:
         dump = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from .sweep import sweep_markdown
+
 
 def render_markdown(results: dict) -> str:
     level = f"{100 * results.get('statistics', {}).get('confidence', 0.95):.0f} %"
     lines = _header(results)
     for name, t in results["tasks"].items():
         lines += _task(name, t, level)
+    lines += sweep_markdown(results.get("sweep"), level)
     lines += _training(results["training"])
     lines += _perplexity(results.get("perplexity"))
     lines += _leakage(results.get("leakage"))

@@ -11,6 +11,7 @@ from ..errors import InstructuneError
 from ..evaluate.stats import compare
 from ..io import read_json, read_jsonl
 from ..manifest import Manifest
+from .sweep import sweep_results
 
 
 def change(base: float, tuned: float) -> dict:
@@ -62,6 +63,8 @@ def build_results(run_dir: Path, cfg: ExperimentConfig) -> dict:
     }
     if held:
         results["forgetting"] = {"tasks": forgetting}
+    if (sweep := sweep_results(run_dir, cfg, finetuned, {n: t.choices for n, t in saved.items()}, boot)) is not None:
+        results["sweep"] = sweep  # `instructune sweep` chose the settings: its trials and what it bought
     return results
 
 

@@ -80,9 +80,37 @@ def load_checkpoint(folder: Path, named, optimizer, scheduler) -> tuple[dict, di
 
 
 def damaged(folder: Path, why: str) -> InstructuneError:
-    """The error for an unreadable checkpoint (either layout), offering `<folder>.old` when it is complete."""
+    """The error for an unreadable checkpoint (either layout): it names the one that is usable, `<folder>.old` when
+    every file of it reads back, or says that none is."""
     old = old_copy(folder)
-    offer = ""
-    if folder != old and (old / "state.pt").is_file():
-        offer = f"; the previous complete checkpoint is {old}: delete {folder} to resume from it"
+    if folder == old or not old.is_dir():
+        offer = "; there is no older checkpoint: train from the start with --restart"
+    elif (fault := unreadable(old)) is None:
+        offer = f"; the previous checkpoint {old} reads back whole: delete {folder} and --resume continues from it"
+    else:
+        offer = f"; the previous checkpoint {old} is damaged too ({fault}): train from the start with --restart"
     return InstructuneError(f"the checkpoint is damaged or truncated ({why}){offer}", str(folder))
+
+
+def unreadable(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder's files, read without restoring anything (None: nothing): meta.json
+    parses, every safetensors header covers its file, every torch file is a whole zip archive (CRCs checked)."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        json.loads((folder / "meta.json").read_text())
+        if not (folder / "state.pt").is_file():
+            return "no state.pt"
+        for path in sorted(folder.rglob("*")):
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), "pt") as f:
+                    f.keys()
+            elif path.suffix == ".pt":
+                with zipfile.ZipFile(path) as z:
+                    if z.testzip() is not None:
+                        return f"{path.name}: a damaged entry"
+    except (OSError, ValueError, SafetensorError, zipfile.BadZipFile) as e:
+        return f"{type(e).__name__}: {str(e)[:120]}"
+    return None

@@ -32,7 +32,7 @@ from .strategy import Strategy, strategy_for
 def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainConfig, pad_id: int, seed: int, *,
           log_path: Path | None = None, checkpoint_dir: Path | None = None, resume: bool = False,
           tensorboard_dir: Path | None = None, score_fn=None, checkpoint_meta: dict | None = None,
-          measured: dict | None = None, strategy: Strategy | None = None) -> list[dict]:
+          measured: dict | None = None, strategy: Strategy | None = None, on_step=None) -> list[dict]:
     """Supervised fine-tuning on completion tokens; returns the log (one dict per optimizer step).
 
     Each optimizer step takes `batch_size * grad_accum` length-grouped examples in `grad_accum` micro-batches, a
@@ -45,7 +45,7 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
     At each validation, `score_fn(model) -> float` (higher is better: the task metric by generation) is logged as
     `val_metric`; it (or else the validation loss) decides the best step, early stopping and, with `keep_best`, the
     weights kept. Several processes: DDP or FSDP (`strategy`, by default `strategy_for` the config and process
-    count). `measured` gets `memory.measured`'s figures."""
+    count). `measured` gets `memory.measured`'s figures; `on_step(entry)` sees each log entry (MLflow tracking)."""
     device = next(model.parameters()).device
     with grouped_kv_heads(device):
         torch.manual_seed(seed)
@@ -63,7 +63,7 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
             state, best.weights = strategy.load_checkpoint(found, model, named, optimizer, scheduler)
             progress.restore(state)
             best.state = state.get("best", best.state)
-        log = TrainLog(log_path if rank == 0 else None, tensorboard_dir if rank == 0 else None, progress.step, resume)
+        log = TrainLog(log_path, tensorboard_dir, progress.step, resume, on_step, writes=rank == 0)
         model.train()
         progress.start()
         bar = tqdm(total=plan.total_steps, initial=progress.step, desc="fine-tuning", unit="step",
@@ -139,7 +139,7 @@ class Plan:
         self.supervised = [e.n_supervised for e in self.examples]
         self.per_step = self.cfg.batch_size * self.cfg.grad_accum * self.world  # the global batch
         self.steps_per_epoch = math.ceil(len(self.examples) / self.per_step)
-        self.total_steps = max(1, math.ceil(self.steps_per_epoch * self.cfg.epochs))
+        self.total_steps = max(1, math.ceil(self.steps_per_epoch * self.cfg.epoch_count))
         self.eval_every = self.cfg.eval_every or self.steps_per_epoch
 
     def validates(self, step: int) -> bool:
@@ -255,12 +255,16 @@ class Best:
 
 
 class TrainLog:
-    """The per-step log: kept in memory, appended to a JSON-lines file and, optionally, to TensorBoard.
+    """The per-step log: kept in memory, appended to a JSON-lines file and, optionally, to TensorBoard and `on_step`.
 
     On resume the file is cut back to the checkpoint's step; a fresh run starts a new file."""
 
-    def __init__(self, path: Path | None, tensorboard_dir: Path | None, step: int, resume: bool):
+    def __init__(self, path: Path | None, tensorboard_dir: Path | None, step: int, resume: bool, on_step=None,
+                 writes: bool = True):
+        if not writes:  # only process 0 logs
+            path = tensorboard_dir = on_step = None
         self.entries: list[dict] = []
+        self.on_step = on_step
         if path and resume and step:
             self.entries = [e for e in read_jsonl(path) if e["step"] <= step]
             atomic_write(path, "".join(json.dumps(e) + "\n" for e in self.entries))
@@ -282,6 +286,8 @@ class TrainLog:
             for key in ("loss", "val_loss", "lr", "tokens_per_s"):
                 if key in entry:
                     self.board.add_scalar(f"train/{key}", entry[key], entry["step"])
+        if self.on_step:
+            self.on_step(entry)
 
     def close(self) -> None:
         if self.file:

@@ -12,19 +12,26 @@ The accounting (bytes per process, N processes, P parameters of which T are trai
   optimizer   T x 8 (AdamW's two moments, fp32)                                         FSDP: / N
   gathered    FSDP only: the full weights of the units in flight (the root unit — embeddings, final norm — and
               two decoder layers, the running one and the prefetched one) and one layer's full gradient
-  loading     FSDP only: each process loads the whole model before sharding it; sharding copies each shard out
-              and frees the whole tensors, which stay with the process (glibc keeps a CPU process's freed memory
-              resident; a GPU's caching allocator keeps it reserved)
+  loading     FSDP only: what a process holds while loading besides its shards: the rows of one weight in transit
+              (the largest: the embeddings or an MLP matrix). The model is built on the meta device, sharded, and
+              each process reads only its own rows of each weight from the safetensors files (`train/fsdp.py`);
+              counted in the peak, though it is gone before the optimizer state exists
   activations what backward keeps per token and layer, x the tokens of the largest pass, plus the logits at the
               supervised positions (the loss takes them nowhere else) and their softmax and gradient; full
               fine-tuning under bf16 also autocast's bf16 copies of the fp32 weights (not under FSDP); QLoRA also
               the largest 4-bit weight dequantized for its matmul. With train.gradient_checkpointing only each
               layer's input is kept (hidden values per token and layer), and one layer's activations at a time
               are recomputed in backward (`activation_parts`)
+  evaluation  with train.eval_metric, the generation that scores validation inside the training process: every
+              layer's key-value cache for a batch of prompts, one layer's prefill, the last logits (`generation_bytes`)
+  allocator   what the allocator keeps beyond the bytes in use: `ALLOCATOR[device]` x the largest of the
+              activations (as if not checkpointed), gradients and evaluation: the memory allocated and freed at
+              every pass
   runtime     the process itself (the framework, the tokenizer, the data): measured here, 0.5 GB
-The peak is weights + optimizer + gathered + loading + runtime + the larger of activations and gradients (backward frees
-the one as it fills the other; `set_to_none` frees gradients before the next forward). Checked against measured
-peaks by benchmarks/memory_scaling.py."""
+The peak is weights + optimizer + gathered + loading + runtime + allocator + the largest of activations, gradients and
+evaluation (backward frees the one as it fills the other; `set_to_none` frees gradients before the next forward;
+validation runs between steps). Checked against measured peaks by benchmarks/memory_scaling.py and
+benchmarks/memory_reach.py. When a plan does not fit, `fixes` names the cheapest changes that make it fit."""
 
 from __future__ import annotations
 
@@ -35,10 +42,19 @@ import warnings
 from dataclasses import dataclass, field
 
 from .batching import split_by_tokens
+from .collate import shared_prefix_length
 
 GB = 1e9
 HEADROOM = 0.9  # a plan fits when its peak is at most this share of the memory: fragmentation, communication buffers
 RUNTIME = int(0.5 * GB)
+# What the allocator keeps beyond the bytes in use, as a share of the memory allocated and freed at every pass (a
+# pass's activations as if not checkpointed: checkpointing keeps less but recomputes as much), by device. glibc on a
+# CPU serves them from a heap that fragments: SmolLM2-135M LoRA, one step on each config's longest batch, 0.5x (UCI),
+# 0.6x (demo) and 1.0x (e-mails) of the activations over the exact bytes, with or without checkpointing
+# (`MALLOC_MMAP_THRESHOLD_=1048576` cuts it to ~0.1x, at up to 2x the time with checkpointing). CUDA's caching
+# allocator keeps rounded blocks reserved: an estimate from the README's H100 runs (allocated 7-20 % under the plan
+# without this term), to be measured by benchmarks/gpu_check.sh.
+ALLOCATOR = {"cpu": 0.75, "cuda": 0.1}
 PER_TOKEN_LAYER = (10, 4)  # activations kept per token and layer: 10 x hidden + 4 x MLP width (Llama-style block)
 
 
@@ -55,6 +71,7 @@ class Shape:
     mlp: int
     vocab: int
     quantized: tuple[int, ...] = ()  # QLoRA: the values of each linear weight that loads in 4 bits
+    kv: int = 0      # values a layer's key-value cache holds per token (2 x key-value heads x head size)
 
 
 @dataclass
@@ -71,8 +88,8 @@ class Footprint:
     @property
     def peak(self) -> int:
         p = self.parts
-        return (p["weights"] + p["optimizer"] + p["gathered"] + p["loading"] + p["runtime"]
-                + max(p["activations"], p["gradients"]))
+        return (p["weights"] + p["optimizer"] + p["gathered"] + p["loading"] + p["runtime"] + p.get("allocator", 0)
+                + max(p["activations"], p["gradients"], p.get("evaluation", 0)))
 
     def fits(self, memory: float) -> bool:
         return self.peak <= HEADROOM * memory
@@ -104,6 +121,9 @@ def model_shape(config, method: str, lora=None) -> Shape:
     params = {id(p): p for p in model.parameters()}  # tied weights counted once
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = getattr(text, "hidden_size", None) or getattr(text, "d_model", 0)
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "num_heads", 1)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or getattr(text, "d_kv", None) or hidden // heads
     return Shape(
         parameters=sum(p.numel() for p in params.values()),
         trainable=sum(p.numel() for p in params.values() if p.requires_grad),
@@ -111,7 +131,7 @@ def model_shape(config, method: str, lora=None) -> Shape:
         layer=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
         layers=len(blocks), hidden=hidden,
         mlp=getattr(text, "intermediate_size", None) or getattr(text, "d_ff", None) or 4 * hidden,
-        vocab=getattr(text, "vocab_size", 0), quantized=quantized)
+        vocab=getattr(text, "vocab_size", 0), quantized=quantized, kv=2 * kv_heads * head_dim)
 
 
 def four_bit_linears(model) -> list:
@@ -151,22 +171,44 @@ def plan_options(train) -> dict:
             "checkpointing": train.gradient_checkpointing}
 
 
-def pass_size(lengths: list[int], supervised: list[int], batch_size: int, pass_tokens: int) -> tuple[int, int]:
+def pass_size(lengths: list[int], supervised: list[int], batch_size: int, pass_tokens: int, *,
+              examples: list | None = None, packing: bool = False, share_prefix: int = 0) -> tuple[int, int]:
     """(tokens, supervised tokens) of the largest forward pass: the `batch_size` longest examples, split into
-    passes as training splits them (`split_by_tokens`), each padded to its longest row."""
+    passes as training splits them (`split_by_tokens`), each laid out as `collate` lays it out: rows padded to the
+    longest, one packed row (`packing`), or, when the `examples` (Encoded) of a pass begin with at least
+    `share_prefix` common tokens, that prefix once and each row after it."""
     if not lengths:
         return 0, 0
     longest = sorted(range(len(lengths)), key=lambda i: lengths[i])[-batch_size:]
-    padded = {tuple(p): len(p) * max(lengths[i] for i in p) for p in split_by_tokens(longest, lengths, pass_tokens)}
+
+    def tokens(part: list[int]) -> int:
+        if packing:
+            return sum(lengths[i] for i in part)
+        prefix = shared_prefix_length([examples[i] for i in part]) if examples and share_prefix else 0
+        prefix = prefix if prefix >= share_prefix else 0
+        return prefix + len(part) * (max(lengths[i] for i in part) - prefix)
+
+    padded = {tuple(p): tokens(p) for p in split_by_tokens(longest, lengths, pass_tokens)}
     biggest = max(padded, key=padded.get)
     return padded[biggest], sum(supervised[i] for i in biggest)
 
 
+def generation_bytes(shape: Shape, rows: int, prompt: int, new: int, bf16: bool = False) -> int:
+    """Greedy generation of `new` tokens for `rows` prompts of `prompt` tokens (validation by `train.eval_metric`,
+    in the training process): every layer's keys and values, one layer's prefill activations (no gradient: they
+    go as the next layer comes) and the last position's fp32 logits and their softmax."""
+    act = 2 if bf16 else 4
+    cache = shape.layers * rows * (prompt + new) * shape.kv * act
+    prefill = rows * prompt * (4 * shape.hidden + 3 * shape.mlp) * act
+    return cache + prefill + rows * shape.vocab * 4 * 2
+
+
 def footprint(shape: Shape, strategy: str, processes: int, tokens: int, supervised: int, *, method: str = "lora",
-              bf16: bool = False, whole_load: bool = True, double_quant: bool = True,
-              checkpointing: bool = False) -> Footprint:
-    """Bytes per process for one strategy (see the module's accounting). `whole_load=False`: as if each process
-    loaded only its shards (what FSDP itself needs; instructune loads the whole model first)."""
+              bf16: bool = False, double_quant: bool = True, checkpointing: bool = False,
+              evaluation: int = 0, device: str = "cpu") -> Footprint:
+    """Bytes per process for one strategy (see the module's accounting); `evaluation`: what generation during
+    training holds at most (`generation_bytes`), 0 without `train.eval_metric`; `device`: "cpu" or "cuda", whose
+    allocators keep different shares (`ALLOCATOR`)."""
     frozen = shape.parameters - shape.trainable - sum(shape.quantized)
     weight_bytes = 2 if (bf16 and method in ("lora", "qlora")) else 4
     weights = (frozen * weight_bytes + shape.trainable * 4
@@ -177,7 +219,7 @@ def footprint(shape: Shape, strategy: str, processes: int, tokens: int, supervis
     activations += max(shape.quantized, default=0) * (2 if bf16 else 4)  # a 4-bit weight dequantized for its matmul
     gathered = loading = 0
     if strategy == "fsdp" and processes > 1:
-        loading = weights if whole_load else 0  # the whole model as loaded: sharding copies out the shard, frees it
+        loading = -(-max(shape.vocab, shape.mlp) * shape.hidden // processes) * weight_bytes  # one weight's rows
         weights, gradients, optimizer = (-(-x // processes) for x in (weights, gradients, optimizer))
         gathered = (shape.root + 2 * shape.layer) * (2 if bf16 else weight_bytes)
         gathered += shape.layer * 4 if method == "full" else 0
@@ -185,9 +227,47 @@ def footprint(shape: Shape, strategy: str, processes: int, tokens: int, supervis
         gradients *= 2 if processes > 1 else 1  # DDP's reduction buckets hold a second copy
         if bf16 and method == "full":  # autocast keeps a bf16 copy of every fp32 weight it multiplies, for the step
             activations += shape.trainable * 2  # (FSDP gathers each layer in bf16 instead: `gathered`)
+    # allocated and freed at every pass: checkpointing keeps less, but recomputes (allocates) as much
+    transient = max(sum(activation_parts(shape, tokens, supervised, bf16).values()), gradients, evaluation)
     parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "gathered": gathered,
-             "loading": loading, "activations": activations, "runtime": RUNTIME}
+             "loading": loading, "activations": activations, "evaluation": evaluation,
+             "allocator": int(ALLOCATOR[device] * transient), "runtime": RUNTIME}
     return Footprint(strategy, processes, parts)
+
+
+# Changes that shrink a run, cheapest first (what each costs besides the memory it saves); `fixes` tries each.
+FIXES = (
+    ({"gradient_checkpointing": True}, "the same results for about a third more compute"),
+    ({"pass_tokens": 256}, "the same results in more, smaller passes"),
+    ({"bf16": True}, "bf16 weights and compute: a GPU, or a CPU with AVX512-BF16/AMX"),
+    ({"method": "qlora"}, "the frozen base in 4 bits: a little quality, some speed"),
+    ({"method": "qlora", "gradient_checkpointing": True}, ""),
+    ({"method": "lora"}, "adapters instead of every weight"),
+    ({"method": "lora", "gradient_checkpointing": True}, ""),
+    ({"method": "qlora", "gradient_checkpointing": True, "bf16": True}, ""),
+)
+
+
+def fixes(plan_for, train, memory: float) -> list[tuple[dict, Footprint]]:
+    """The changes of `FIXES` to `train` (a TrainConfig) after which the plan fits in `memory` bytes, cheapest
+    first, each with its plan (`plan_for(train) -> Footprint`). A change the config already has and one that
+    would not shrink the run (LoRA from QLoRA, a larger `pass_tokens`) are left out."""
+    found = []
+    for change, _ in FIXES:
+        change = {k: v for k, v in change.items() if getattr(train, k) != v}
+        if (not change or change.get("method") == "lora" and train.method == "qlora"
+                or change.get("pass_tokens", 0) >= (train.pass_tokens or 1 << 62)
+                or any(c == change for c, _ in found)):
+            continue
+        plan = plan_for(train.model_copy(update=change))
+        if plan.fits(memory):
+            found.append((change, plan))
+    return found
+
+
+def change_text(change: dict) -> str:
+    """`train.method: qlora + train.gradient_checkpointing: true`, as a user writes it in the config."""
+    return " + ".join(f"train.{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in change.items())
 
 
 def device_memory() -> tuple[int, str]:

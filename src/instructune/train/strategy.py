@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig
+from ..config import ModelConfig, TrainConfig
+from ..models import training_model
 from . import checkpoint, fsdp
 
 
@@ -28,6 +29,10 @@ class Single:
     plan_name = "ddp"  # its name for `memory.footprint` (with one process: no gradient buckets)
     two_pass = True  # the shared prompt prefix may run as a pass of its own (`collate`)
     meta: dict = {}  # what a checkpoint's meta.json adds to say which layout it holds
+
+    def training_model(self, source: str, model_cfg: ModelConfig, train_cfg: TrainConfig):
+        """The model to train, on this process's device: loaded whole (`models.training_model`)."""
+        return training_model(source, model_cfg, train_cfg)
 
     def wrap(self, model):
         """Prepare the model for training; returns the module to call forward on."""
@@ -66,8 +71,9 @@ class DDP(Single):
 
 
 class FSDP(Single):
-    """Several processes, each with 1/world of every parameter (`fsdp.shard`, FSDP2): every process writes its shards
-    of each checkpoint, and `fsdp.gathered` makes the model whole on process 0 for saving."""
+    """Several processes, each with 1/world of every parameter (`fsdp.shard`, FSDP2), from the start (`training_model`):
+    every process writes its shards of each checkpoint, and `fsdp.gathered` makes the model whole on process 0 for
+    saving."""
 
     plan_name = "fsdp"
     two_pass = False  # the prefix's keys and values would reach the loss past FSDP's backward hooks (see `collate`)
@@ -76,8 +82,13 @@ class FSDP(Single):
     def __init__(self, bf16: bool, world: int):
         self.bf16, self.world = bf16, world
 
+    def training_model(self, source: str, model_cfg: ModelConfig, train_cfg: TrainConfig):
+        """Built on the meta device, sharded, and each process's shards read from the weight files: no process ever
+        holds the whole model (`fsdp.sharded_model`)."""
+        return fsdp.sharded_model(source, model_cfg, train_cfg, self.world)
+
     def wrap(self, model):
-        self.module = fsdp.shard(model, self.bf16, self.world)
+        self.module = fsdp.shard(model, self.bf16, self.world)  # a model `training_model` made is sharded already
         return self.module
 
     def writes(self, rank: int) -> bool:

@@ -1,0 +1,90 @@
+"""Every command of the CLI (listed from the typer app, so a new one is covered) goes through the one error wrapper:
+a bad argument ends in one line and exit 2, never a traceback or a silent exit 0; file-system faults name the path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.main import get_command
+
+from hostile_helpers import run_cli, snapshot
+from instructune.cli import app, handles_errors
+
+
+def commands() -> list[tuple[list[str], object]]:
+    """(command words, click command) for every command, nested groups included."""
+    out = []
+
+    def walk(cmd, words):
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                walk(sub, words + [name])
+        else:
+            out.append((words, cmd))
+    walk(get_command(app), [])
+    return out
+
+
+def test_every_command_is_wrapped():
+    wrapper = handles_errors(lambda: None).__code__
+    bare = [" ".join(w) for w, cmd in commands()
+            if getattr(getattr(cmd.callback, "__wrapped__", cmd.callback), "__code__", None) is not wrapper
+            and getattr(cmd.callback, "__code__", None) is not wrapper]
+    assert {" ".join(w) for w, _ in commands()} >= {"run", "train", "predict", "export", "templates", "demo-data",
+                                                    "data lint"}
+    assert not bare, f"commands without handles_errors: {bare}"
+
+
+@pytest.mark.parametrize("words", [w for w, _ in commands()], ids=lambda w: " ".join(w))
+def test_every_command_refuses_a_bad_argument_in_one_line(tmp_path, monkeypatch, words):
+    """Every required parameter (and the first argument) gets an existing file that is no config, model, run,
+    records or folder: each command must say so in one line, exit 2, and write nothing."""
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("{{{ this is not what any command reads\n")
+    command = get_command(app)
+    for w in words:
+        command = command.commands[w]
+    args, first = [*words], True
+    for p in command.params:
+        if p.param_type_name == "argument" and (p.required or first):
+            args.append(str(bad))
+            first = False
+        elif p.required:
+            args += [p.opts[0], str(bad)]
+    before = snapshot(tmp_path)
+    code, out = run_cli(*args)
+    assert code == 2, out
+    assert "Traceback" not in out and [line for line in out.splitlines() if line.startswith("error:")], out
+    assert snapshot(tmp_path) == before
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    from test_faults import tmpfs as fixture  # the real small tmpfs the fault tests mount
+
+    yield from fixture.__wrapped__(tmp_path)
+
+
+def test_demo_data_into_a_read_only_file_system_names_the_path(tmpfs):
+    fs = tmpfs("1m", readonly=True)
+    code, out = run_cli("demo-data", fs / "demo")
+    assert code == 1 and str(fs / "demo") in out and "Read-only file system" in out, out
+    assert "Traceback" not in out and "internal error" not in out
+
+
+def test_a_full_disk_during_a_library_write_names_the_path(tmp_path, tmpfs):
+    """safetensors reports a full disk as its own exception type: the message still names the folder."""
+    import torch
+    from safetensors.torch import save_file
+
+    from instructune.io import replaced_folder
+
+    fs = tmpfs("64k")
+    target = fs / "weights"
+    with pytest.raises(OSError) as e:
+        with replaced_folder(target) as tmp:
+            save_file({"w": torch.zeros(100_000)}, str(Path(tmp) / "model.safetensors"))
+    assert e.value.filename == str(target) and "No space left" in e.value.strerror
+    assert not list(fs.iterdir())
