@@ -215,7 +215,7 @@ def plan(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", h
     from rich.console import Console
     from rich.table import Table
 
-    from .experiment import fit_advice, memory_plan
+    from .experiment import fit_advice, memory_plan, training_examples
     from .tasks import prepare
     from .train.memory import GB, device_memory as local_memory
 
@@ -223,7 +223,7 @@ def plan(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", h
         raise InstructuneError(f"--strategy must be ddp or fsdp, not {strategy!r}", "--strategy")
     cfg = _config(config, set_)
     prep = prepare(cfg, weights=False)
-    train_set = [e for t in prep.tasks for e in t.encoded("train", cfg.train.max_length)]
+    train_set = training_examples(prep)
     limit, where = ((device_memory * GB, f"{device_memory:g} GB (--device-memory)") if device_memory
                     else local_memory())
     planner = memory_plan(prep, train_set, gpu=gpu)

@@ -204,10 +204,15 @@ def run_train(prep: Prepared, run_dir: Path, resume: bool = False, restart: bool
         "memory": {"planned": planned.parts, "planned_peak": planned.peak, "strategy": planned.strategy, **measured}})
 
 
+def training_examples(prep: Prepared) -> list:
+    """Every task's training examples, encoded as training reads them (each task encodes them once)."""
+    return [e for t in prep.tasks for e in t.encoded("train", prep.cfg.train.max_length)]
+
+
 def _training_data(prep: Prepared) -> tuple[list, list, dict]:
     """Every task's encoded training and validation examples, and the training split's masking audit (stated)."""
     cfg = prep.cfg.train
-    train_set = [e for t in prep.tasks for e in t.encoded("train", cfg.max_length)]
+    train_set = training_examples(prep)
     val_set = [e for t in prep.tasks for e in t.encoded("validation", cfg.max_length)[: cfg.max_validation]]
     audit = audit_masking(train_set, set().union(*(t.fmt.end_ids() for t in prep.tasks)), "train split")
     say(f"masking audit: {audit['supervised_tokens']:,} of {audit['tokens']:,} tokens supervised "
@@ -289,8 +294,7 @@ def check_fits(prep: Prepared, device_memory: float | None = None, force: bool =
         limit = device_memory * memory.GB
     else:
         limit = memory.device_memory()[0] / (1 if device().type == "cuda" else local_processes())
-    train_set = [e for t in prep.tasks for e in t.encoded("train", prep.cfg.train.max_length)]
-    advice = fit_advice(prep, train_set, prep.cfg.train.strategy if world > 1 else "ddp", world, limit)
+    advice = fit_advice(prep, training_examples(prep), prep.cfg.train.strategy if world > 1 else "ddp", world, limit)
     if advice and not force:
         raise InstructuneError(f"the memory plan says this training does not fit: {advice} (--force trains anyway)",
                                "--device-memory" if device_memory else "train")
