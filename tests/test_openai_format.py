@@ -295,3 +295,21 @@ def test_data_lint_reports_tokens_per_turn_and_what_a_cut_takes(tool_model, tmp_
     assert ("train.jsonl:3: 'turn 0 (system) loses 40 of 41 tokens; turn 1 (user) loses 26 of 26 tokens; turn 2 "
             "(assistant) loses 14 of 14 tokens; turn 3 (user) loses 65 of 367 tokens; turn 6 (assistant, trained) "
             "loses 9 of 24 tokens'") in result.output  # 40 + 26 + 14 + 65 + 9 = 154
+
+
+def test_inference_on_a_record_with_tools_sees_them_as_training_did(tool_model):
+    """`predict` and `generate` read a chat record's `tools` too: the prompt is evaluation's (and training's) prompt
+    for the same turns, the tools where the chat template puts them."""
+    tok = AutoTokenizer.from_pretrained(tool_model)
+    fmt = PromptFormat(tok, chat=True)
+    task = TaskConfig(name="t", type="summarization", data={"path": "x.jsonl"})
+    template = build_task_template(task, "messages", 64)
+    record = {"tools": [WEATHER], "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
+    trained = pair_of({**record, "messages": record["messages"] + [{"role": "assistant", "content": "Sunny."}]})
+    asked = Record(copy.deepcopy(record), "new.jsonl:1")
+    prompt = fmt.prompt_text(template.prompt_only(asked), tools=template.tools_of(asked))
+    assert prompt == fmt.prompt_text(trained.messages, tools=trained.tools)
+    assert "<tools>\n" + json.dumps(WEATHER) + "\n</tools>" in prompt
+    bad = Record({"tools": [{"type": "function"}], "messages": record["messages"]}, "new.jsonl:2")
+    with pytest.raises(InstructuneError, match=r"tools\[0\] has no `function`"):
+        template.tools_of(bad)

@@ -271,3 +271,18 @@ def test_bad_auto_values(tmp_path, tiny_model, value):
     for key in ("train.epochs", "train.lr"):
         code, out = cli("plan", config, "--set", f"{key}={value}")
         assert code == 2 and key in out and "or auto" in out, out
+
+
+def test_importance_is_stated_only_from_enough_complete_trials():
+    """fANOVA fitted to two or three trials ranks noise (the e-mail sweep had two): no importance below
+    IMPORTANCE_TRIALS complete trials; from there on each searched setting gets a share, the shares summing to 1."""
+    from instructune.sweep import IMPORTANCE_TRIALS, importance
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    objective = lambda t: -(t.suggest_float("lr", 1e-4, 1e-2, log=True) - 1e-3) ** 2 + 0 * t.suggest_int("r", 8, 32)
+    study.optimize(objective, n_trials=IMPORTANCE_TRIALS - 1)
+    assert importance(study, seed=0) == {}
+    study.optimize(objective, n_trials=1)
+    found = importance(study, seed=0)
+    assert set(found) == {"lr", "r"} and abs(sum(found.values()) - 1) < 1e-3, found

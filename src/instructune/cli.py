@@ -317,8 +317,13 @@ def data_lint(config: Path, set_: Optional[List[str]] = typer.Option(None, "--se
     from .data.lint import format_warnings, lint_pairs, lint_records
     from .tasks import data_stats, prepare, turn_stats
 
+    from .runtime import WARNED
+
     cfg = _config(config, set_)
+    before = len(WARNED)
     prep = prepare(cfg)  # bad input fails here, with file and line
+    about_tasks = tuple(f"{t.name}:" for t in prep.tasks)
+    said = [w for w in WARNED[before:] if not w.startswith(about_tasks)]  # preflight's: the config, the device
     stats = data_stats(prep)
     problems = 0
     for task in prep.tasks:
@@ -355,7 +360,9 @@ def data_lint(config: Path, set_: Optional[List[str]] = typer.Option(None, "--se
         problems += bool(warnings)
         for line in format_warnings(task.name, warnings):
             typer.secho(line, fg="yellow")
-    typer.echo("no warnings" if not problems else f"{problems} task(s) with warnings")
+    counts = ([f"{problems} task(s) with warnings"] if problems else []) + (
+        [f"{len(said)} warning(s) about the config or the machine (above)"] if said else [])
+    typer.echo("; ".join(counts) or "no warnings")
 
 
 @app.command()
@@ -373,7 +380,8 @@ def generate(text: str = typer.Argument(..., help="the input: plain text for the
     model_obj, tokenizer, manifest = load_finetuned(model)
     template = manifest.task_template(task)
     fmt = manifest.prompt_format(tokenizer, template.separator)
-    prompt = fmt.prompt_text(template.prompt_only(record_from_text(text, template)))
+    record = record_from_text(text, template)
+    prompt = fmt.prompt_text(template.prompt_only(record), tools=template.tools_of(record))
     new_tokens = max_new_tokens or template.max_new_tokens
     check_prompt_fits(model_obj, fmt, prompt, new_tokens, "TEXT")  # refused with the numbers, never fed past the context
     typer.echo(run_generate(model_obj, fmt, [prompt], new_tokens)[0])
@@ -505,8 +513,30 @@ def _summary(results: dict, run_dir: Path) -> None:
     typer.echo(f"report: {run_dir / 'report.md'} and {run_dir / 'report.html'}  results: {run_dir / 'results.json'}")
 
 
-def main():
-    app()
+def main() -> int:
+    """The `instructune` command: click's usage errors (an unknown option, a value out of its range, a missing
+    argument) as one line naming the option, exit 2, like every other bad input (typer would draw a box)."""
+    try:  # the click typer runs on: typer >= 0.29 vendors its own
+        from typer._click import exceptions as click
+    except ImportError:
+        from click import exceptions as click
+    try:
+        code = app(standalone_mode=False, prog_name="instructune")
+    except click.NoArgsIsHelpError as e:  # a group called alone: its help (typer's rich help printed itself)
+        if e.format_message().strip():
+            typer.echo(e.format_message())
+        return 2
+    except click.UsageError as e:
+        where = e.ctx.command_path if e.ctx else "instructune"
+        typer.secho(f"error: {where}: {e.format_message()} (see `{where} --help`)", fg=typer.colors.RED, err=True)
+        return 2
+    except click.ClickException as e:
+        typer.secho(f"error: {e.format_message()}", fg=typer.colors.RED, err=True)
+        return e.exit_code
+    except click.Abort:
+        typer.secho("interrupted", fg=typer.colors.RED, err=True)
+        return EXIT_INTERRUPTED
+    return code if isinstance(code, int) else 0  # typer.Exit's status; a command itself returns None
 
 
 if __name__ == "__main__":

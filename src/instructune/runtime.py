@@ -107,5 +107,9 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+WARNED: list[str] = []  # every warning this process has printed (`data lint` counts them)
+
+
 def warn(message: str) -> None:
+    WARNED.append(message)
     print(f"warning: {message}", file=sys.stderr, flush=True)

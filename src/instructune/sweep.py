@@ -43,6 +43,9 @@ RETRIED = (None, "stopped by the budget")  # outcomes (None: killed) whose trial
 SKIPS = 3  # draws in a row that would not fit in the budget's rest before the search ends
 
 
+IMPORTANCE_TRIALS = 5  # complete trials before the settings' importance is worth stating
+
+
 def require_optuna():
     try:
         import optuna
@@ -445,8 +448,13 @@ def sweep_record(search: Search, chosen, default) -> dict:
 
 
 def importance(study, seed: int) -> dict:
-    """Each searched setting's share of the validation metric's variance (Optuna's fANOVA); {} with too few trials."""
+    """Each searched setting's share of the validation metric's variance (Optuna's fANOVA); {} with fewer than
+    IMPORTANCE_TRIALS complete trials, where a forest fitted to two or three points would rank noise."""
     optuna = require_optuna()
+    from optuna.trial import TrialState
+
+    if sum(t.state == TrialState.COMPLETE for t in study.trials) < IMPORTANCE_TRIALS:
+        return {}
     try:
         found = optuna.importance.get_param_importances(
             study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed))

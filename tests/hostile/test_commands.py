@@ -88,3 +88,32 @@ def test_a_full_disk_during_a_library_write_names_the_path(tmp_path, tmpfs):
             save_file({"w": torch.zeros(100_000)}, str(Path(tmp) / "model.safetensors"))
     assert e.value.filename == str(target) and "No space left" in e.value.strerror
     assert not list(fs.iterdir())
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["sweep", "x.yaml", "--trials", "0"], "'--trials'"),         # out of its range
+    (["sweep", "x.yaml", "--trials", "many"], "'--trials'"),      # wrong type
+    (["data", "lint", "x.yaml", "--no-such-flag"], "--no-such-flag"),
+    (["no-such-command"], "no-such-command"),
+    (["train"], "'config'"),                                      # a missing argument
+], ids=["range", "type", "option", "command", "missing"])
+def test_usage_errors_are_one_line_from_the_installed_command(tmp_path, monkeypatch, capsys, argv, names):
+    """What `instructune` (the console script: cli.main) prints for a bad option is one line naming it, exit 2, as
+    for every other bad input; typer alone would draw a several-line box."""
+    from instructune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["instructune", *argv])
+    code = main()
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: instructune") and names in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_and_a_bare_group_from_the_installed_command(monkeypatch, capsys):
+    from instructune.cli import main
+
+    monkeypatch.setattr("sys.argv", ["instructune", "--help"])
+    assert main() == 0 and "Usage: instructune" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["instructune", "data"])
+    assert main() == 2 and capsys.readouterr().out.count("Usage: instructune data") == 1

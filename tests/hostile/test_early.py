@@ -59,8 +59,10 @@ def test_likely_mistakes_are_warned_about_not_refused(tmp_path, tiny_model):
     assert "strategy: fsdp with one process" in out
     assert "train.max_length 9 leaves" in out and "cut into its instruction" in out
     assert "reads {{ label }}, the answer" in out
-    roomy = tiny_config(tmp_path, tiny_model)
-    assert "warning: train" not in accepted(tmp_path, roomy) and "the answer the model" not in accepted(tmp_path, roomy)
+    assert "3 warning(s) about the config or the machine" in out.strip().splitlines()[-1], out  # never "no warnings"
+    roomy = accepted(tmp_path, tiny_config(tmp_path, tiny_model))
+    assert "warning: train" not in roomy and "the answer the model" not in roomy
+    assert "about the config" not in roomy.strip().splitlines()[-1], roomy
 
 
 def test_templates_and_demo_data_end_in_one_line(tmp_path):

@@ -39,7 +39,7 @@ def check_conversation(record: dict[str, Any], where: str) -> Conversation:
         raise InstructuneError(f"messages is {kind(messages)}; expected a list of {{role, content}} objects", where)
     if not messages:
         raise InstructuneError("messages is an empty list (OpenAI: missing_messages_list)", where)
-    tools = _tools(record.get("tools"), where)
+    tools = check_tools(record.get("tools"), where)
     turns, weights = [], []
     for i, m in enumerate(messages):
         turn, weight = _message(m, f"messages[{i}]", where)
@@ -137,7 +137,7 @@ def _tool_calls(calls: Any, name: str, where: str) -> list[dict[str, Any]]:
     return out
 
 
-def _tools(tools: Any, where: str) -> list[dict[str, Any]] | None:
+def check_tools(tools: Any, where: str) -> list[dict[str, Any]] | None:
     """The record's `tools`: a list of {type: "function", function: {name, description?, parameters?}}."""
     if tools is None:
         return None

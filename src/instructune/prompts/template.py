@@ -19,7 +19,7 @@ from jinja2.visitor import NodeTransformer
 from .. import tasktypes
 from ..config import LimitsConfig, TaskConfig, TemplateConfig
 from ..data.load import Record
-from ..data.openai_chat import Conversation, answer_text, check_conversation
+from ..data.openai_chat import Conversation, answer_text, check_conversation, check_tools
 from ..data.shapes import check_entities, check_messages, detect_shape, text_value
 from ..errors import InstructuneError
 from .library import LIBRARY, Template
@@ -376,6 +376,10 @@ class TaskTemplate:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         return messages
 
+    def tools_of(self, record: Record) -> list[dict[str, Any]] | None:
+        """An OpenAI chat record's `tools` (its chat template shows them to the model, as training did); else None."""
+        return _shaped_pair(record, need_completion=False).tools if self.template is None else None
+
     def context(self, record: Record, need_answer: bool = False) -> dict[str, Any]:
         """The template's variables for a record, each record field the template renders checked for its type."""
         kind = tasktypes.get(self.type)
@@ -497,8 +501,9 @@ def _shaped_pair(record: Record, need_completion: bool = True, integer_ok: bool 
     if shape == "messages":
         if need_completion:
             return conversation_pair(check_conversation(d, where), where, d)
-        messages = check_messages(d["messages"], where, last=None)
-        return Pair(messages if messages[-1]["role"] != "assistant" else messages[:-1], "", where, d)
+        messages = check_messages(d["messages"], where, last=None)  # inference: the record's tools go with it
+        return Pair(messages if messages[-1]["role"] != "assistant" else messages[:-1], "", where, d,
+                    tools=check_tools(d.get("tools"), where))
     raise InstructuneError(f"record is neither prompt/completion, Alpaca nor chat messages (fields {sorted(d)}); "
                            "give the task a `template` (a chat record needs a `messages` list: OpenAI's "
                            "missing_messages_list)", where)

@@ -65,7 +65,8 @@ def _value(v) -> str:
 def _summary(sw: dict, level: str) -> list[str]:
     """Sentences: the objective, how the search ran, its time, and the chosen trial against the default."""
     trials = sw["trials"]
-    counts = {o: sum(t["outcome"] == o for t in trials) for o in dict.fromkeys(t["outcome"] for t in trials)}
+    kinds = [t["outcome"].split(":")[0] for t in trials]  # "not run: estimated 410 s, ..." counts as "not run"
+    counts = {o: kinds.count(o) for o in dict.fromkeys(kinds)}
     budget = f" of a {_clock(sw['budget_seconds'])} budget" if sw.get("budget_seconds") else ""
     lines = [f"Objective: {sw['objective']}. Sampler {sw['sampler']}; {sw['pruner']}. {len(trials)} trials ("
              + ", ".join(f"{n} {o}" for o, n in counts.items()) + f") in {_clock(sw['search_seconds'])}{budget}. "
@@ -96,6 +97,8 @@ def sweep_markdown(sw: dict | None, level: str) -> list[str]:
     if sw.get("importance"):
         lines += ["", "Importance (fANOVA share of the validation score's variance): "
                   + ", ".join(f"`{k}` {v:.2f}" for k, v in sw["importance"].items()) + "."]
+    else:
+        lines += ["", "Importance: not stated, too few complete trials for fANOVA to rank the settings."]
     return lines + [""]
 
 

@@ -75,6 +75,7 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
             entry = progress.advance(loss, tokens, scheduler.get_last_lr()[0], plan.steps_per_epoch)
             if val_set and plan.validates(entry["step"]):
                 validate(model, val_set, pad_id, cfg, score_fn, entry, best, named)
+            entry["peak_gb"] = round(memory.peak_memory(device) / memory.GB, 3)  # this process's peak so far (the plan's unit)
             log.record(entry)
             if strategy.writes(rank) and checkpoint_dir is not None and plan.checkpoints(entry["step"]):
                 strategy.save_checkpoint(checkpoint_dir, model, named, optimizer, scheduler,
