@@ -53,6 +53,8 @@ def test_a_tracked_run_reads_back_from_mlflow_as_the_run_folder_holds_it(tmp_pat
         history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
         assert [(m.step, m.value) for m in history] == [(e["step"], e[key]) for e in log if key in e], key
     assert len(log) == 6 and all("val_loss" in e for e in log)
+    peaks = [e["peak_gb"] for e in log]  # the process's peak so far: positive, never falling within a training
+    assert peaks[0] > 0 and peaks == sorted(peaks), peaks
 
     results = json.loads((run_dir / "results.json").read_text())
     task = results["tasks"]["tiny_classification"]

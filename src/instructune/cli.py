@@ -513,9 +513,14 @@ def _summary(results: dict, run_dir: Path) -> None:
     typer.echo(f"report: {run_dir / 'report.md'} and {run_dir / 'report.html'}  results: {run_dir / 'results.json'}")
 
 
-def main() -> int:
-    """The `instructune` command: click's usage errors (an unknown option, a value out of its range, a missing
-    argument) as one line naming the option, exit 2, like every other bad input (typer would draw a box)."""
+def main() -> None:
+    """The `instructune` command; exits with the documented status (EXIT_HELP)."""
+    sys.exit(_status())
+
+
+def _status() -> int:
+    """Run the command line; its exit status. Click's usage errors (an unknown option, a value out of its range, a
+    missing argument) become one line naming the option, status 2, like every other bad input (typer draws a box)."""
     try:  # the click typer runs on: typer >= 0.29 vendors its own
         from typer._click import exceptions as click
     except ImportError:
@@ -540,4 +545,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

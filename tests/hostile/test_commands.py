@@ -104,7 +104,9 @@ def test_usage_errors_are_one_line_from_the_installed_command(tmp_path, monkeypa
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["instructune", *argv])
-    code = main()
+    with pytest.raises(SystemExit) as exited:
+        main()
+    code = exited.value.code
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: instructune") and names in err, err
     assert list(tmp_path.iterdir()) == []
@@ -113,7 +115,8 @@ def test_usage_errors_are_one_line_from_the_installed_command(tmp_path, monkeypa
 def test_help_and_a_bare_group_from_the_installed_command(monkeypatch, capsys):
     from instructune.cli import main
 
-    monkeypatch.setattr("sys.argv", ["instructune", "--help"])
-    assert main() == 0 and "Usage: instructune" in capsys.readouterr().out
-    monkeypatch.setattr("sys.argv", ["instructune", "data"])
-    assert main() == 2 and capsys.readouterr().out.count("Usage: instructune data") == 1
+    for argv, status, usage in ((["--help"], 0, "Usage: instructune [OPTIONS]"), (["data"], 2, "Usage: instructune data")):
+        monkeypatch.setattr("sys.argv", ["instructune", *argv])
+        with pytest.raises(SystemExit) as exited:
+            main()
+        assert exited.value.code == status and capsys.readouterr().out.count(usage) == 1

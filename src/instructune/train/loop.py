@@ -63,7 +63,7 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
             state, best.weights = strategy.load_checkpoint(found, model, named, optimizer, scheduler)
             progress.restore(state)
             best.state = state.get("best", best.state)
-        log = TrainLog(log_path, tensorboard_dir, progress.step, resume, on_step, writes=rank == 0)
+        log = TrainLog(log_path, tensorboard_dir, progress.step, resume, on_step, writes=rank == 0, device=device)
         model.train()
         progress.start()
         bar = tqdm(total=plan.total_steps, initial=progress.step, desc="fine-tuning", unit="step",
@@ -75,7 +75,6 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
             entry = progress.advance(loss, tokens, scheduler.get_last_lr()[0], plan.steps_per_epoch)
             if val_set and plan.validates(entry["step"]):
                 validate(model, val_set, pad_id, cfg, score_fn, entry, best, named)
-            entry["peak_gb"] = round(memory.peak_memory(device) / memory.GB, 3)  # this process's peak so far (the plan's unit)
             log.record(entry)
             if strategy.writes(rank) and checkpoint_dir is not None and plan.checkpoints(entry["step"]):
                 strategy.save_checkpoint(checkpoint_dir, model, named, optimizer, scheduler,
@@ -261,9 +260,10 @@ class TrainLog:
     On resume the file is cut back to the checkpoint's step; a fresh run starts a new file."""
 
     def __init__(self, path: Path | None, tensorboard_dir: Path | None, step: int, resume: bool, on_step=None,
-                 writes: bool = True):
+                 writes: bool = True, device=None):
         if not writes:  # only process 0 logs
             path = tensorboard_dir = on_step = None
+        self.device = device  # given: each entry also gets `peak_gb`, the process's peak memory so far
         self.entries: list[dict] = []
         self.on_step = on_step
         if path and resume and step:
@@ -279,6 +279,8 @@ class TrainLog:
             self.board = SummaryWriter(str(tensorboard_dir), purge_step=step + 1 if resume else None)
 
     def record(self, entry: dict) -> None:
+        if self.device is not None:
+            entry["peak_gb"] = round(memory.peak_memory(self.device) / memory.GB, 3)  # in the plan's unit
         self.entries.append(entry)
         if self.file:
             self.file.write(json.dumps(entry) + "\n")
