@@ -307,9 +307,10 @@ def test_inference_on_a_record_with_tools_sees_them_as_training_did(tool_model):
     record = {"tools": [WEATHER], "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
     trained = pair_of({**record, "messages": record["messages"] + [{"role": "assistant", "content": "Sunny."}]})
     asked = Record(copy.deepcopy(record), "new.jsonl:1")
-    prompt = fmt.prompt_text(template.prompt_only(asked), tools=template.tools_of(asked))
+    pair = template.inference_pair(asked)
+    prompt = fmt.prompt_text(pair.messages, tools=pair.tools)
     assert prompt == fmt.prompt_text(trained.messages, tools=trained.tools)
     assert "<tools>\n" + json.dumps(WEATHER) + "\n</tools>" in prompt
     bad = Record({"tools": [{"type": "function"}], "messages": record["messages"]}, "new.jsonl:2")
     with pytest.raises(InstructuneError, match=r"tools\[0\] has no `function`"):
-        template.tools_of(bad)
+        template.inference_pair(bad)

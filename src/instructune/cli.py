@@ -315,9 +315,8 @@ def data_lint(config: Path, set_: Optional[List[str]] = typer.Option(None, "--se
     from collections import Counter
 
     from .data.lint import format_warnings, lint_pairs, lint_records
-    from .tasks import data_stats, prepare, turn_stats
-
     from .runtime import WARNED
+    from .tasks import data_stats, prepare, turn_stats
 
     cfg = _config(config, set_)
     before = len(WARNED)
@@ -380,8 +379,8 @@ def generate(text: str = typer.Argument(..., help="the input: plain text for the
     model_obj, tokenizer, manifest = load_finetuned(model)
     template = manifest.task_template(task)
     fmt = manifest.prompt_format(tokenizer, template.separator)
-    record = record_from_text(text, template)
-    prompt = fmt.prompt_text(template.prompt_only(record), tools=template.tools_of(record))
+    pair = template.inference_pair(record_from_text(text, template))
+    prompt = fmt.prompt_text(pair.messages, tools=pair.tools)
     new_tokens = max_new_tokens or template.max_new_tokens
     check_prompt_fits(model_obj, fmt, prompt, new_tokens, "TEXT")  # refused with the numbers, never fed past the context
     typer.echo(run_generate(model_obj, fmt, [prompt], new_tokens)[0])

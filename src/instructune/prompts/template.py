@@ -368,17 +368,18 @@ class TaskTemplate:
 
     def prompt_only(self, record: Record) -> list[dict[str, str]]:
         """The prompt messages for a record with no answer (inference)."""
+        return self.inference_pair(record).messages
+
+    def inference_pair(self, record: Record) -> Pair:
+        """A record with no answer as a pair: its prompt messages and, for an OpenAI chat record, its `tools` (the
+        chat template shows them to the model, as in training), read once."""
         if self.template is None:
-            return _shaped_pair(record, need_completion=False).messages
+            return _shaped_pair(record, need_completion=False)
         ctx = self.context(record)
         messages = [{"role": "user", "content": self._render(self.template.prompt, ctx, record, "prompt")}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
-        return messages
-
-    def tools_of(self, record: Record) -> list[dict[str, Any]] | None:
-        """An OpenAI chat record's `tools` (its chat template shows them to the model, as training did); else None."""
-        return _shaped_pair(record, need_completion=False).tools if self.template is None else None
+        return Pair(messages, "", record.where, record.data)
 
     def context(self, record: Record, need_answer: bool = False) -> dict[str, Any]:
         """The template's variables for a record, each record field the template renders checked for its type."""
