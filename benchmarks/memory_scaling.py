@@ -16,7 +16,7 @@ model's manifest (`memory`: what `train` measured in every process at the end of
   FSDP each process builds the model on the meta device and reads only its shards), against the plan's peak;
 - tokens/s: training throughput over all processes;
 - loss gap: the largest relative difference of a step's loss from the one process's (the same global batch: one
-  process takes both processes' examples per step).
+  process takes both processes' examples per step, as two accumulated micro-batches of the same size).
 
 Targets (issues 13 and 20): FSDP with 2 processes at most 0.6x DDP's per-process state and at most 0.65x its peak,
 losses equal to one process's within 1e-5, the planned peak within 15 % of each measured one.
@@ -37,16 +37,19 @@ ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
 
 
-def run_one(model: str, processes: int, strategy: str, steps: int, batch: int, work: Path) -> dict:
-    """One `instructune train` of `steps` steps of a global batch of 2 x `batch` (`batch` per process when 2)."""
+def run_one(model: str, processes: int, strategy: str, steps: int, batch: int, work: Path, threads: int = 0) -> dict:
+    """One `instructune train` of `steps` steps of a global batch of 2 x `batch`: micro-batches of `batch`, two
+    accumulated in one process, one in each of two (the same passes, so the losses differ only by the order in
+    which the two halves' gradients are summed)."""
     name = f"mem-{strategy}-{processes}"
     overrides = [f"model.name={model}", "train.method=full", f"train.strategy={strategy}",
-                 f"train.batch_size={2 * batch // processes}", "train.epochs=1",
+                 f"train.batch_size={batch}", f"train.grad_accum={2 // processes}", "train.epochs=1",
                  f"tasks.0.data.max_train={steps * 2 * batch}", "train.max_validation=8",
                  f"output_dir={work / name}", "train.max_length=128"]
     cli = [sys.executable, "-m", "instructune.cli", "train", str(ROOT / "configs/uci-sentiment.yaml")]
     cli += [a for o in overrides for a in ("--set", o)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // processes)), "TOKENIZERS_PARALLELISM": "false"}
+    threads = threads or max(1, os.cpu_count() // processes)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     if processes > 1:
         cli = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "--master_port", "29533", *cli[1:]]
@@ -64,7 +67,8 @@ def run_one(model: str, processes: int, strategy: str, steps: int, batch: int, w
             "state": max(w + g + o for w, g, o in zip(mem["weights"], mem["gradients"], mem["optimizer"])),
             "planned_state": planned["weights"] + planned["gradients"] + planned["optimizer"],
             "peak": max(mem["peak"]), "planned_peak": mem["planned_peak"],
-            "tokens_per_s": log[-1]["tokens_per_s"], "losses": [e["loss"] for e in log]}
+            "tokens_per_s": log[-1]["tokens_per_s"], "losses": [e["loss"] for e in log],
+            "allocator": mem.get("host_allocator", "glibc")}
 
 
 def main() -> None:
@@ -72,12 +76,14 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=0, help="per process (default: the cores over the processes)")
     args = ap.parse_args()
     settings = [(1, "ddp"), (2, "ddp"), (2, "fsdp")]
     with tempfile.TemporaryDirectory(prefix="instructune-mem-") as tmp:
-        rows = [run_one(args.model, n, s, args.steps, args.batch, Path(tmp)) for n, s in settings]
+        rows = [run_one(args.model, n, s, args.steps, args.batch, Path(tmp), args.threads) for n, s in settings]
     print(f"\n{args.model}, full fine-tuning, fp32, {args.steps} steps of a global batch of {2 * args.batch}; GB per "
-          "process\n")
+          f"process; host allocator {', '.join(sorted({r['allocator'] for r in rows}))} "
+          "(INSTRUCTUNE_ALLOCATOR=system for glibc's)\n")
     print("| setting | state measured | state planned | peak measured | peak planned | plan error | loss gap | tokens/s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
@@ -86,6 +92,9 @@ def main() -> None:
         print(f"| {r['strategy']} x {r['processes']} | {r['state'] / GB:.2f} | {r['planned_state'] / GB:.2f} | "
               f"{r['peak'] / GB:.2f} | {r['planned_peak'] / GB:.2f} | {100 * err:+.1f} % | {gap:.1e} | "
               f"{r['tokens_per_s']:.0f} |")
+    for r in rows[1:]:  # where the gap comes from: the first step (same weights) or the later ones
+        gaps = [abs(a - b) / max(abs(a), abs(b)) for a, b in zip(r["losses"], rows[0]["losses"])]
+        print(f"loss gap by step, {r['strategy']} x {r['processes']}: " + " ".join(f"{g:.1e}" for g in gaps))
     ddp2, fsdp2 = rows[1], rows[2]
     print(f"\nFSDP x 2 / DDP x 2, weights + gradients + optimizer per process: {fsdp2['state'] / ddp2['state']:.2f}x "
           f"(target <= 0.6x); peak: {fsdp2['peak'] / ddp2['peak']:.2f}x (target <= 0.65x)")

@@ -379,6 +379,38 @@ def test_k_quants_by_llama_cpp_keep_the_metadata_and_the_answers(tmp_path, dtype
     export_gguf(run, path, dtype)  # an export's own file is replaced
 
 
+LLAMA_CPP_FALLBACK_LOG = """\
+warning: blk.0.attn_k.weight                  - ncols    576 not divisible by    256 (required for type    q4_K) -> falling back to    q5_0
+warning: blk.0.attn_v.weight                  - ncols    576 not divisible by    256 (required for type    q6_K) -> falling back to    q8_0
+warning: blk.1.attn_k.weight                  - ncols    576 not divisible by    256 (required for type    q4_K) -> falling back to    q5_0
+warning: blk.1.ffn_up.weight                  - ncols     24 not divisible by    256 (required for type    q4_K) (WARNING: must use F16 due to unusual shape) -> falling back to     f16
+llama_model_quantize_impl: WARNING: 4 of 20 tensor(s) required fallback quantization
+"""
+
+
+def test_llama_cpps_fallback_warnings_become_one_line():
+    """llama.cpp prints a line per tensor whose rows do not split into 256-value blocks (180 lines for SmolLM2's
+    576-wide rows at q4_K_M): summed up as one line, counts and types kept."""
+    from instructune.export.to_gguf import fallback_summary
+
+    line = fallback_summary(LLAMA_CPP_FALLBACK_LOG)
+    assert line.startswith("llama.cpp: 4 of 20 tensors") and "rows of 24/576 values" in line and "256-value" in line
+    assert "q4_K -> q5_0 (2)" in line and "q6_K -> q8_0 (1)" in line and "q4_K -> f16 (1)" in line
+    assert "\n" not in line
+    assert fallback_summary("llama_model_quantize_impl: model size = 10 MB\n") is None
+
+
+def test_a_k_quant_whose_rows_do_not_split_says_so_in_one_line(tmp_path, arch_run, capfd):
+    """With llama-cpp-python, a model whose rows are not multiples of 256 (the tiny test Llama's): the file is
+    written, and what fell back is one line on stdout, not llama.cpp's line per tensor."""
+    pytest.importorskip("llama_cpp")
+    path = export_gguf(arch_run("llama"), tmp_path / "k.gguf", "q4_K_M")
+    out, err = capfd.readouterr()
+    assert path.is_file() and "falling back" not in out + err, err[-2000:]
+    assert sum(line.startswith("llama.cpp: ") and "tensors written in another type" in line
+               for line in out.splitlines()) == 1, out[-2000:]
+
+
 def test_llama3_rope_scaling_is_written_as_llama_cpps_rope_freqs(tmp_path):
     """Llama 3.1+'s RoPE scaling (one factor per frequency) as llama.cpp's converter stores it: `rope_freqs`, equal to
     transformers' own unscaled / scaled inverse frequencies; where llama.cpp is installed, it runs the file to the

@@ -77,6 +77,23 @@ def test_the_largest_pass_follows_pass_tokens():
     assert memory.pass_size([], [], 4, 0) == (0, 0)
 
 
+def test_a_step_of_several_passes_holds_the_gradients_beside_the_next_passs_activations():
+    """Measured (benchmarks/memory_scaling.py, full fine-tuning, a batch of 16 split into 2 passes): the first
+    step peaked at weights + gradients + optimizer + runtime, the next ones 0.9-1.4 GB higher, the gradients the
+    first pass filled living beside the second pass's activations. One pass: backward frees the one as it fills
+    the other."""
+    lengths = [10, 50, 100, 20]
+    assert memory.passes_per_step(lengths, batch_size=4, pass_tokens=0) == 1
+    assert memory.passes_per_step(lengths, batch_size=4, pass_tokens=250) == 2
+    assert memory.passes_per_step(lengths, batch_size=4, pass_tokens=250, grad_accum=3) == 6
+    assert memory.passes_per_step([], batch_size=4, pass_tokens=250) == 1
+    shape = memory.Shape(parameters=1000, trainable=1000, root=200, layer=400, layers=2, hidden=8, mlp=16, vocab=50)
+    one, two = (memory.footprint(shape, "ddp", 1, 64, 8, method="full", passes=n) for n in (1, 2))
+    base = sum(one.parts[k] for k in ("weights", "optimizer", "gathered", "loading", "runtime", "allocator"))
+    act, grads = one.parts["activations"], one.parts["gradients"]
+    assert one.parts == two.parts and one.peak == base + max(act, grads) and two.peak == base + act + grads
+
+
 def _cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "instructune.cli", *args], capture_output=True, text=True, cwd=cwd)
 
@@ -107,6 +124,10 @@ def test_train_records_the_plan_and_the_measured_peak(tmp_path, tiny_model):
     mem = json.loads((tmp_path / "run" / "model" / "instructune.json").read_text())["memory"]
     assert mem["strategy"] == "ddp" and mem["planned_peak"] > 0 and len(mem["peak"]) == 1
     assert mem["weights"][0] == mem["planned"]["weights"]
+    # the command trains under the allocator it finds (tcmalloc after `make setup`), and plans for that one
+    from instructune.allocator import chosen
+
+    assert mem["host_allocator"] == chosen() and f"host allocator {chosen()}" in out
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the resident high-water mark is Linux's")

@@ -215,6 +215,7 @@ def plan(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", h
     from rich.console import Console
     from rich.table import Table
 
+    from .allocator import name as host_allocator
     from .experiment import fit_advice, memory_plan, training_examples
     from .tasks import prepare
     from .train.memory import GB, device_memory as local_memory
@@ -238,7 +239,7 @@ def plan(config: Path, set_: Optional[List[str]] = typer.Option(None, "--set", h
     Console(width=max(110, Console().width)).print(table)
     typer.echo(f"device memory: {where}; the peak is weights + optimizer + gathered + loading + runtime + allocator + "
                "the largest of activations, gradients and evaluation; it fits when at most 90 % of the memory (see "
-               "`instructune.train.memory`)")
+               f"`instructune.train.memory`); host allocator: {host_allocator()}")
     for p in plans if processes > 1 else plans[:1]:  # what to change, cheapest first, where it does not fit
         if advice := fit_advice(prep, train_set, p.strategy, processes, limit, gpu):
             typer.echo(f"{p.strategy}: {advice}")
@@ -380,7 +381,7 @@ def generate(text: str = typer.Argument(..., help="the input: plain text for the
     template = manifest.task_template(task)
     fmt = manifest.prompt_format(tokenizer, template.separator)
     pair = template.inference_pair(record_from_text(text, template))
-    prompt = fmt.prompt_text(pair.messages, tools=pair.tools)
+    prompt = fmt.pair_prompt(pair)
     new_tokens = max_new_tokens or template.max_new_tokens
     check_prompt_fits(model_obj, fmt, prompt, new_tokens, "TEXT")  # refused with the numbers, never fed past the context
     typer.echo(run_generate(model_obj, fmt, [prompt], new_tokens)[0])
@@ -543,5 +544,14 @@ def _status() -> int:
     return code if isinstance(code, int) else 0  # typer.Exit's status; a command itself returns None
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The installed `instructune` (and `python -m instructune.cli`): under tcmalloc where this machine has it (see
+    `instructune.allocator`), then `main`."""
+    from .allocator import preload
+
+    preload()
     main()
+
+
+if __name__ == "__main__":
+    command()

@@ -19,7 +19,7 @@ from .evaluate.best_prompt import best_prompt, candidates
 from .evaluate.classical import classical_variant
 from .evaluate.score import answer, primary, score, validation_scorer
 from .io import atomic_write, old_copy, read_json, write_json
-from . import rundir, tracking
+from . import allocator, rundir, tracking
 from .models import count_parameters, hf_config, load_finetuned, load_for_inference, save_model
 from .prompts import Pair, PromptFormat
 from .prompts.shots import kshot_prompts
@@ -188,7 +188,7 @@ def run_train(prep: Prepared, run_dir: Path, resume: bool = False, restart: bool
     say(f"{cfg.train.method}: {trainable:,} of {total:,} weights trainable ({100 * trainable / total:.2f} %)")
     train_set, val_set, audit = _training_data(prep)
     planned = memory_plan(prep, train_set)(strategy.plan_name, world)
-    say(f"memory plan: {planned.line()}")
+    say(f"memory plan: {planned.line()}; host allocator {allocator.name()}")
     if resume and not newest_checkpoint(checkpoint):
         say("no checkpoint to resume from: training from the start")
     with tracking.training(cfg, run_dir, inputs["data"], resume) as on_step:  # MLflow, when configured
@@ -201,7 +201,8 @@ def run_train(prep: Prepared, run_dir: Path, resume: bool = False, restart: bool
     return _save_trained(prep, run_dir, strategy.gather(model), {
         "audit": audit, "final_loss": log[-1]["loss"] if log else None, "train_id": train_id,
         "trainable_parameters": trainable, "total_parameters": total,
-        "memory": {"planned": planned.parts, "planned_peak": planned.peak, "strategy": planned.strategy, **measured}})
+        "memory": {"planned": planned.parts, "planned_peak": planned.peak, "strategy": planned.strategy,
+                   "host_allocator": allocator.name(), **measured}})
 
 
 def training_examples(prep: Prepared) -> list:
@@ -260,8 +261,10 @@ def memory_plan(prep: Prepared, train_set: list, train_cfg=None, gpu: bool | Non
         prompt = max(len(e.input_ids) - e.n_supervised for e in train_set)
         evaluation = memory.generation_bytes(shape, min(prep.cfg.evaluate.batch_size, cfg.metric_samples), prompt,
                                              max(t.template.max_new_tokens for t in prep.tasks), cfg.bf16)
+    passes = memory.passes_per_step([len(e.input_ids) for e in train_set], cfg.batch_size, cfg.pass_tokens,
+                                    cfg.grad_accum)
     return functools.partial(memory.footprint, shape, tokens=tokens, supervised=supervised, evaluation=evaluation,
-                             device="cuda" if gpu else "cpu", **memory.plan_options(cfg))
+                             device="cuda" if gpu else "cpu", passes=passes, **memory.plan_options(cfg))
 
 
 _SHAPES: dict = {}
@@ -324,7 +327,7 @@ def run_evaluate(prep: Prepared, run_dir: Path) -> dict:
             raise InstructuneError(f"the model in this run was not trained with task {task.name!r}; run `instructune "
                                    f"train` again after changing the tasks", str(run_dir / "model"))
         fmt = meta.prompt_format(tokenizer, saved.separator)
-        prompts = [fmt.prompt_text(p.messages, tools=p.tools) for p in map(saved.pair, task.records["test"])]
+        prompts = [fmt.pair_prompt(saved.pair(r)) for r in task.records["test"]]
         preds, mode = answer(model, fmt, saved, prompts, cfg.evaluate, f"{task.name}: fine-tuned")
         results[task.name] = {"finetuned": score(task.template, task.pairs["test"], preds, prompts, mode)}
         results[task.name]["finetuned"]["prompts_cut"] = fmt.prompts_cut(prompts, saved.max_new_tokens)

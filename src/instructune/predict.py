@@ -59,7 +59,7 @@ def predict_file(model_dir: Path, input_path: Path, output: Path | None = None, 
     model, tokenizer, manifest = load_finetuned(model_dir)
     template = manifest.task_template(task)
     fmt = manifest.prompt_format(tokenizer, template.separator)
-    prompts = [fmt.prompt_text(p.messages, tools=p.tools) for p in map(template.inference_pair, records)]
+    prompts = [fmt.pair_prompt(template.inference_pair(r)) for r in records]
     rows = [dict(r.data) for r in records]
     by_likelihood = tasktypes.get(template.type).choices and template.choices and not fmt.seq2seq
     name = output_names(records, ("prediction", "label", "probability") if by_likelihood else ("prediction",),

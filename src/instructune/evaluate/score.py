@@ -50,7 +50,7 @@ def validation_scorer(subsets: list[tuple[TaskTemplate, PromptFormat, list[Pair]
     def score_model(model) -> float:
         values = []
         for template, fmt, pairs in subsets:
-            prompts = [fmt.prompt_text(p.messages, tools=p.tools) for p in pairs]
+            prompts = [fmt.pair_prompt(p) for p in pairs]
             preds = generate(model, fmt, prompts, template.max_new_tokens, batch_size,
                              desc=f"{template.task}: validation metric", bf16=bf16, settled=settled(template))
             metrics, _ = compute_metrics(template.type, preds, [p.completion for p in pairs], template.choices)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import gguf
@@ -55,14 +57,58 @@ def llama_cpp_quantizer(outtype: str):
 def quantize(llama_cpp, src: Path, dst: Path, outtype: str) -> None:
     """llama.cpp's quantizer, as `llama-quantize SRC DST Q4_K_M` runs it: its per-tensor type mix (for _M, the output
     and part of attn_v and ffn_down at Q6_K), its fallback for rows that do not split into 256-value blocks, and every
-    metadata key copied (the chat template, end ids and task templates)."""
+    metadata key copied (the chat template, end ids and task templates). Its messages are held back: a line per
+    tensor that falls back becomes one summary (`fallback_summary`); everything, when it fails."""
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, KQUANTS[outtype])
     params.nthread = os.cpu_count() or 1
     say(f"quantizing to {outtype} with llama.cpp")
+    said: list[tuple[int, str]] = []
+
+    @llama_cpp.llama_log_callback
+    def hold(level, text, user_data):
+        said.append((level, text.decode("utf-8", "replace")))
+
     llama_cpp.llama_backend_init()  # as llama-quantize does first (f16 tables, CPU backend); repeated calls are harmless
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+    llama_cpp.llama_log_set(hold, ctypes.c_void_p(0))
+    try:
+        status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:  # llama-cpp-python's own logger again (None: llama.cpp's default, stderr)
+        llama_cpp.llama_log_set(getattr(getattr(llama_cpp, "_logger", None), "llama_log_callback", None),
+                                ctypes.c_void_p(0))
+    if status != 0:
+        print("".join(text for _, text in said), file=sys.stderr, flush=True)
         raise InstructuneError(f"llama.cpp's quantizer failed to write {outtype} (see its messages above)", "--dtype")
+    # ggml.h: DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (the previous message goes on; llama-cpp-python's own logger
+    # has the older numbering): errors and warnings pass through, but the fallbacks' lines become one
+    kept, level = [], 0
+    for lvl, text in said:
+        level = level if lvl == 5 else lvl
+        kept += [text] if level >= 3 else []
+    shown = [line for line in "".join(kept).splitlines(keepends=True)
+             if line.strip() and "falling back to" not in line and "required fallback quantization" not in line]
+    if shown:
+        print("".join(shown), end="", file=sys.stderr, flush=True)
+    if summary := fallback_summary("".join(text for _, text in said)):
+        say(summary)
+
+
+FALLBACK = re.compile(r"ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\w+)\)\s*(?:\([^)]*\)\s*)?"
+                      r"-> falling back to\s+(\w+)")
+
+
+def fallback_summary(log: str) -> str | None:
+    """One line for llama.cpp's per-tensor "falling back" warnings (a model whose rows do not split into K-quants'
+    256-value blocks, as SmolLM2's 576), or None when no tensor fell back."""
+    found = FALLBACK.findall(log)
+    if not found:
+        return None
+    total = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback", log)
+    counted = f"{total[1]} of {total[2]}" if total else str(len(found))
+    cols = sorted({int(c) for c, *_ in found})
+    swaps = ", ".join(f"{want} -> {got} ({n})" for (want, got), n in Counter((w, g) for _, _, w, g in found).items())
+    return (f"llama.cpp: {counted} tensors written in another type, as llama-quantize does: rows of "
+            f"{'/'.join(map(str, cols))} values do not split into {found[0][1]}-value blocks ({swaps})")
 
 
 def encode_tensor(data: np.ndarray, outtype: str) -> tuple[np.ndarray, "gguf.GGMLQuantizationType | None"]:

@@ -66,6 +66,10 @@ class PromptFormat:
         # answer is tokenized as it is in the shots and in ordinary text.
         return SHOT_DELIMITER.join(parts + [self._plain(messages) + self.separator.rstrip(" ")])
 
+    def pair_prompt(self, pair: Pair) -> str:
+        """The prompt of one pair as evaluation, `predict` and `chat` render it: its messages and its tools."""
+        return self.prompt_text(pair.messages, tools=pair.tools)
+
     def completion_text(self, pair: Pair) -> str:
         """The completion as trained: in chat form up to and including the end-of-turn token."""
         if self.seq2seq:

@@ -24,13 +24,15 @@ The accounting (bytes per process, N processes, P parameters of which T are trai
               are recomputed in backward (`activation_parts`)
   evaluation  with train.eval_metric, the generation that scores validation inside the training process: every
               layer's key-value cache for a batch of prompts, one layer's prefill, the last logits (`generation_bytes`)
-  allocator   what the allocator keeps beyond the bytes in use: `ALLOCATOR[device]` x the largest of the
+  allocator   what the allocator keeps beyond the bytes in use: `allocator_share(device)` x the largest of the
               activations (as if not checkpointed), gradients and evaluation: the memory allocated and freed at
               every pass
   runtime     the process itself (the framework, the tokenizer, the data): measured here, 0.5 GB
 The peak is weights + optimizer + gathered + loading + runtime + allocator + the largest of activations, gradients and
 evaluation (backward frees the one as it fills the other; `set_to_none` frees gradients before the next forward;
-validation runs between steps). Checked against measured peaks by benchmarks/memory_scaling.py and
+validation runs between steps). When an optimizer step takes several passes (a batch split by train.pass_tokens,
+train.grad_accum), the gradients the first pass filled stay beside the next passes' activations: activations +
+gradients (which only full fine-tuning makes large). Checked against measured peaks by benchmarks/memory_scaling.py and
 benchmarks/memory_reach.py. When a plan does not fit, `fixes` names the cheapest changes that make it fit."""
 
 from __future__ import annotations
@@ -48,13 +50,17 @@ GB = 1e9
 HEADROOM = 0.9  # a plan fits when its peak is at most this share of the memory: fragmentation, communication buffers
 RUNTIME = int(0.5 * GB)
 # What the allocator keeps beyond the bytes in use, as a share of the memory allocated and freed at every pass (a
-# pass's activations as if not checkpointed: checkpointing keeps less but recomputes as much), by device. glibc on a
+# pass's activations as if not checkpointed: checkpointing keeps less but recomputes as much), by device and C
+# allocator (`instructune.allocator`: the `instructune` command trains under tcmalloc where it finds it). glibc on a
 # CPU serves them from a heap that fragments: SmolLM2-135M LoRA, one step on each config's longest batch, 0.5x (UCI),
-# 0.6x (demo) and 1.0x (e-mails) of the activations over the exact bytes, with or without checkpointing
-# (`MALLOC_MMAP_THRESHOLD_=1048576` cuts it to ~0.1x, at up to 2x the time with checkpointing). CUDA's caching
-# allocator keeps rounded blocks reserved: an estimate from the README's H100 runs (allocated 7-20 % under the plan
-# without this term), to be measured by benchmarks/gpu_check.sh.
-ALLOCATOR = {"cpu": 0.75, "cuda": 0.1}
+# 0.6x (demo) and 1.0x (e-mails) of the activations over the exact bytes, and more as shapes vary over a run (a whole
+# e-mail training peaked 4.99 GB against a plan of 3.11). tcmalloc keeps much less: whole trainings of the demo, UCI
+# and e-mail configs (2026-12-05) peaked 0.55x, 0.08x and 0.34x of their transient bytes above the exact plan (2.37,
+# 1.74 and 2.64 GB); 0.3 puts all three within 8 %, and the full fine-tuning rows of benchmarks/memory_scaling.py
+# within 12 %. jemalloc kept as little as tcmalloc in benchmarks/cpu_allocator.py; its share is tcmalloc's, unmeasured
+# on whole runs. CUDA's caching allocator keeps rounded blocks reserved: an estimate from the README's H100 runs
+# (allocated 7-20 % under the plan without this term), to be measured by benchmarks/gpu_check.sh.
+ALLOCATOR = {"cpu-glibc": 0.75, "cpu-tcmalloc": 0.3, "cpu-jemalloc": 0.3, "cuda": 0.1}
 PER_TOKEN_LAYER = (10, 4)  # activations kept per token and layer: 10 x hidden + 4 x MLP width (Llama-style block)
 
 
@@ -79,6 +85,7 @@ class Footprint:
     strategy: str
     processes: int
     parts: dict = field(default_factory=dict)  # bytes per process, by part
+    passes: int = 1  # forward and backward passes per optimizer step (a batch split by pass_tokens; grad_accum)
 
     @property
     def state(self) -> int:
@@ -88,8 +95,11 @@ class Footprint:
     @property
     def peak(self) -> int:
         p = self.parts
+        # one pass: backward frees activations as it fills gradients; several: the first fills them, the next
+        # passes' activations live beside them
+        training = (p["activations"] + p["gradients"] if self.passes > 1 else max(p["activations"], p["gradients"]))
         return (p["weights"] + p["optimizer"] + p["gathered"] + p["loading"] + p["runtime"] + p.get("allocator", 0)
-                + max(p["activations"], p["gradients"], p.get("evaluation", 0)))
+                + max(training, p.get("evaluation", 0)))
 
     def fits(self, memory: float) -> bool:
         return self.peak <= HEADROOM * memory
@@ -193,6 +203,13 @@ def pass_size(lengths: list[int], supervised: list[int], batch_size: int, pass_t
     return padded[biggest], sum(supervised[i] for i in biggest)
 
 
+def passes_per_step(lengths: list[int], batch_size: int, pass_tokens: int, grad_accum: int = 1) -> int:
+    """Forward and backward passes in the optimizer step of the longest examples: its micro-batch split as training
+    splits it (`split_by_tokens`), times `grad_accum` micro-batches."""
+    longest = sorted(range(len(lengths)), key=lambda i: lengths[i])[-batch_size:]
+    return len(split_by_tokens(longest, lengths, pass_tokens)) * grad_accum if lengths else 1
+
+
 def generation_bytes(shape: Shape, rows: int, prompt: int, new: int, bf16: bool = False) -> int:
     """Greedy generation of `new` tokens for `rows` prompts of `prompt` tokens (validation by `train.eval_metric`,
     in the training process): every layer's keys and values, one layer's prefill activations (no gradient: they
@@ -203,12 +220,20 @@ def generation_bytes(shape: Shape, rows: int, prompt: int, new: int, bf16: bool 
     return cache + prefill + rows * shape.vocab * 4 * 2
 
 
+def allocator_share(device: str) -> float:
+    """`ALLOCATOR`'s share for "cuda", or for "cpu" under the C allocator this process runs under (a plan made by
+    the `instructune` command is for a run the same command starts: under the same allocator)."""
+    from ..allocator import name
+
+    return ALLOCATOR["cuda" if device == "cuda" else f"cpu-{name()}"]
+
+
 def footprint(shape: Shape, strategy: str, processes: int, tokens: int, supervised: int, *, method: str = "lora",
               bf16: bool = False, double_quant: bool = True, checkpointing: bool = False,
-              evaluation: int = 0, device: str = "cpu") -> Footprint:
+              evaluation: int = 0, device: str = "cpu", passes: int = 1) -> Footprint:
     """Bytes per process for one strategy (see the module's accounting); `evaluation`: what generation during
     training holds at most (`generation_bytes`), 0 without `train.eval_metric`; `device`: "cpu" or "cuda", whose
-    allocators keep different shares (`ALLOCATOR`)."""
+    allocators keep different shares (`allocator_share`); `passes`: per optimizer step (`passes_per_step`)."""
     frozen = shape.parameters - shape.trainable - sum(shape.quantized)
     weight_bytes = 2 if (bf16 and method in ("lora", "qlora")) else 4
     weights = (frozen * weight_bytes + shape.trainable * 4
@@ -231,8 +256,8 @@ def footprint(shape: Shape, strategy: str, processes: int, tokens: int, supervis
     transient = max(sum(activation_parts(shape, tokens, supervised, bf16).values()), gradients, evaluation)
     parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "gathered": gathered,
              "loading": loading, "activations": activations, "evaluation": evaluation,
-             "allocator": int(ALLOCATOR[device] * transient), "runtime": RUNTIME}
-    return Footprint(strategy, processes, parts)
+             "allocator": int(allocator_share(device) * transient), "runtime": RUNTIME}
+    return Footprint(strategy, processes, parts, passes)
 
 
 # Changes that shrink a run, cheapest first (what each costs besides the memory it saves); `fixes` tries each.
