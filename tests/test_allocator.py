@@ -104,3 +104,17 @@ def test_the_plan_counts_what_the_processs_allocator_keeps(monkeypatch):
     assert plans["tcmalloc"].parts["allocator"] == pytest.approx(memory.ALLOCATOR["cpu-tcmalloc"] * transient, abs=1)
     assert plans["glibc"].peak - plans["tcmalloc"].peak == (plans["glibc"].parts["allocator"]
                                                             - plans["tcmalloc"].parts["allocator"]) > 0
+
+
+def test_checkpointing_shrinks_what_tcmalloc_keeps_not_what_glibc_keeps(monkeypatch):
+    """tcmalloc's share is of the bytes live at once (checkpointing: one layer recomputed at a time), glibc's of all
+    a pass allocates, checkpointed or not (`memory.LIVE_BYTES`)."""
+    shape = memory.Shape(parameters=10_000_000, trainable=100_000, root=2_000_000, layer=1_000_000, layers=8,
+                         hidden=256, mlp=1024, vocab=8000, kv=128)
+    kept = {}
+    for name in ("glibc", "tcmalloc"):
+        monkeypatch.setattr(allocator, "name", lambda name=name: name)
+        kept[name] = [memory.footprint(shape, "ddp", 1, 4096, 64, checkpointing=c).parts["allocator"]
+                      for c in (False, True)]
+    assert kept["glibc"][0] == kept["glibc"][1]
+    assert kept["tcmalloc"][1] < kept["tcmalloc"][0] / 3
