@@ -106,12 +106,15 @@ def frozen_bytes(model) -> dict:
     frozen = [p for p in params if not p.requires_grad]
     total = sum(p.numel() * p.element_size() for p in frozen) + memory.quant_state_bytes(frozen)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    four_bit = [m.weight for m in base.modules() if getattr(getattr(m, "weight", None), "quant_state", None) is not None]
+    # each weight once: peft's LoRA layer forwards `.weight` to the 4-bit layer it wraps, which `modules()` also gives
+    four_bit = list({id(m.weight): m.weight for m in base.modules()
+                     if getattr(getattr(m, "weight", None), "quant_state", None) is not None}.values())
     if four_bit:
         held = sum(w.numel() * w.element_size() for w in four_bit) + memory.quant_state_bytes(four_bit)
         bf16 = sum(math.prod(w.quant_state.shape) * 2 for w in four_bit)
     else:  # the same layers, as this (LoRA) row holds them; peft's adapters are the trainable linears
-        linears = [m.weight for m in memory.four_bit_linears(base) if not m.weight.requires_grad]
+        linears = list({id(m.weight): m.weight for m in memory.four_bit_linears(base)
+                        if not m.weight.requires_grad}.values())
         held = sum(w.numel() * w.element_size() for w in linears)
         bf16 = sum(w.numel() * 2 for w in linears)
     return {"frozen": total, "quantized_held": held, "quantized_bf16": bf16}

@@ -250,6 +250,11 @@ def test_4_bit_bytes_follow_bitsandbytes_layout():
                          quantized=(400, 400, 200))
     qlora = memory.footprint(shape, "ddp", 1, 64, 8, method="qlora", double_quant=False)
     assert qlora.parts["weights"] == 100 * 4 + 2 * memory.four_bit_bytes(400, False) + memory.four_bit_bytes(200, False)
+    # on a CPU the process keeps what it read before quantizing (fp32, bf16 under train.bf16); a CUDA peak does not
+    assert qlora.parts["loading"] == 1000 * 4
+    assert memory.footprint(shape, "ddp", 1, 64, 8, method="qlora", bf16=True).parts["loading"] == 1000 * 2
+    assert memory.footprint(shape, "ddp", 1, 64, 8, method="qlora", device="cuda").parts["loading"] == 0
+    assert memory.footprint(shape, "ddp", 1, 64, 8, method="lora").parts["loading"] == 0
 
 
 # -- refusals ----------------------------------------------------------------------------------------------------

@@ -12,10 +12,13 @@ The accounting (bytes per process, N processes, P parameters of which T are trai
   optimizer   T x 8 (AdamW's two moments, fp32)                                         FSDP: / N
   gathered    FSDP only: the full weights of the units in flight (the root unit — embeddings, final norm — and
               two decoder layers, the running one and the prefetched one) and one layer's full gradient
-  loading     FSDP only: what a process holds while loading besides its shards: the rows of one weight in transit
+  loading     FSDP: what a process holds while loading besides its shards: the rows of one weight in transit
               (the largest: the embeddings or an MLP matrix). The model is built on the meta device, sharded, and
               each process reads only its own rows of each weight from the safetensors files (`train/fsdp.py`);
-              counted in the peak, though it is gone before the optimizer state exists
+              counted in the peak, though it is gone before the optimizer state exists. QLoRA on a CPU: the
+              4-bit layers' full-precision size (fp32; bf16 under train.bf16), read before they are quantized; the
+              process stays that much larger after loading (benchmarks/memory_reach.py, SmolLM2-135M: 420 MiB
+              for 405 planned; a CUDA peak counts only what is allocated, which this is not)
   activations what backward keeps per token and layer, x the tokens of the largest pass, plus the logits at the
               supervised positions (the loss takes them nowhere else) and their softmax and gradient; full
               fine-tuning under bf16 also autocast's bf16 copies of the fp32 weights (not under FSDP); QLoRA also
@@ -25,8 +28,9 @@ The accounting (bytes per process, N processes, P parameters of which T are trai
   evaluation  with train.eval_metric, the generation that scores validation inside the training process: every
               layer's key-value cache for a batch of prompts, one layer's prefill, the last logits (`generation_bytes`)
   allocator   what the allocator keeps beyond the bytes in use: `allocator_share(device)` x the largest of the
-              activations (as if not checkpointed), gradients and evaluation: the memory allocated and freed at
-              every pass
+              activations, gradients and evaluation: the memory allocated and freed at every pass (the
+              activations as if not checkpointed under glibc, whose heap keeps a share of all a pass allocates;
+              as checkpointed under tcmalloc/jemalloc, `LIVE_BYTES`)
   runtime     the process itself (the framework, the tokenizer, the data): measured here, 0.5 GB
 The peak is weights + optimizer + gathered + loading + runtime + allocator + the largest of activations, gradients and
 evaluation (backward frees the one as it fills the other; `set_to_none` frees gradients before the next forward;
@@ -261,6 +265,8 @@ def footprint(shape: Shape, strategy: str, processes: int, tokens: int, supervis
         gathered += shape.layer * 4 if method == "full" else 0
     else:
         gradients *= 2 if processes > 1 else 1  # DDP's reduction buckets hold a second copy
+    if method == "qlora" and device != "cuda":  # the full-precision weights quantized at load stay with the process
+        loading = max(loading, sum(shape.quantized) * weight_bytes)
         if bf16 and method == "full":  # autocast keeps a bf16 copy of every fp32 weight it multiplies, for the step
             activations += shape.trainable * 2  # (FSDP gathers each layer in bf16 instead: `gathered`)
     # allocated and freed at every pass: checkpointing keeps less, but recomputes (allocates) as much
