@@ -193,7 +193,7 @@ def pass_size(lengths: list[int], supervised: list[int], batch_size: int, pass_t
     `share_prefix` common tokens, that prefix once and each row after it."""
     if not lengths:
         return 0, 0
-    longest = sorted(range(len(lengths)), key=lambda i: lengths[i])[-batch_size:]
+    longest = _longest(lengths, batch_size)
 
     def tokens(part: list[int]) -> int:
         if packing:
@@ -210,8 +210,12 @@ def pass_size(lengths: list[int], supervised: list[int], batch_size: int, pass_t
 def passes_per_step(lengths: list[int], batch_size: int, pass_tokens: int, grad_accum: int = 1) -> int:
     """Forward and backward passes in the optimizer step of the longest examples: its micro-batch split as training
     splits it (`split_by_tokens`), times `grad_accum` micro-batches."""
-    longest = sorted(range(len(lengths)), key=lambda i: lengths[i])[-batch_size:]
-    return len(split_by_tokens(longest, lengths, pass_tokens)) * grad_accum if lengths else 1
+    return len(split_by_tokens(_longest(lengths, batch_size), lengths, pass_tokens)) * grad_accum if lengths else 1
+
+
+def _longest(lengths: list[int], batch_size: int) -> list[int]:
+    """The indices of the `batch_size` longest examples: the micro-batch the plan is made for."""
+    return sorted(range(len(lengths)), key=lambda i: lengths[i])[-batch_size:]
 
 
 def generation_bytes(shape: Shape, rows: int, prompt: int, new: int, bf16: bool = False) -> int:
