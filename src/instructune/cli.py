@@ -538,7 +538,7 @@ def _status() -> int:
     except click.ClickException as e:
         typer.secho(f"error: {e.format_message()}", fg=typer.colors.RED, err=True)
         return e.exit_code
-    except click.Abort:
+    except typer.Abort:  # click's Abort, which typer >= 0.29 keeps in typer.exceptions, not in its vendored click
         typer.secho("interrupted", fg=typer.colors.RED, err=True)
         return EXIT_INTERRUPTED
     return code if isinstance(code, int) else 0  # typer.Exit's status; a command itself returns None

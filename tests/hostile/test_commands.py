@@ -120,3 +120,30 @@ def test_help_and_a_bare_group_from_the_installed_command(monkeypatch, capsys):
         with pytest.raises(SystemExit) as exited:
             main()
         assert exited.value.code == status and capsys.readouterr().out.count(usage) == 1
+
+
+def test_an_abort_and_a_closed_pipe_end_without_a_traceback(monkeypatch, capsys):
+    """click's Abort (Ctrl-C at a prompt) is "interrupted", exit 130; `instructune --help | head -1` closing the pipe
+    ends the command without a traceback (the except clauses once named an Abort typer's click does not have, so
+    any exception reaching them, rich's SystemExit on a broken pipe included, became an AttributeError)."""
+    import os
+    import subprocess
+    import sys
+
+    import typer
+
+    from instructune import cli
+
+    def abort(**kwargs):
+        raise typer.Abort()
+
+    monkeypatch.setattr(cli, "app", abort)
+    monkeypatch.setattr("sys.argv", ["instructune", "run", "x.yaml"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+    with subprocess.Popen([sys.executable, "-m", "instructune.cli", "--help"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env={**os.environ, "INSTRUCTUNE_ALLOCATOR": "system"}) as p:
+        p.stdout.close()  # closed before the command writes a byte: its write fails with EPIPE
+        err = p.stderr.read().decode()
+    assert "Traceback" not in err and p.returncode != 0, err[-2000:]
