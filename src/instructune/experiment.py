@@ -188,7 +188,8 @@ def run_train(prep: Prepared, run_dir: Path, resume: bool = False, restart: bool
     say(f"{cfg.train.method}: {trainable:,} of {total:,} weights trainable ({100 * trainable / total:.2f} %)")
     train_set, val_set, audit = _training_data(prep)
     planned = memory_plan(prep, train_set)(strategy.plan_name, world)
-    say(f"memory plan: {planned.line()}; host allocator {allocator.name()}")
+    host = allocator.name()  # read from /proc once: the process's allocator does not change
+    say(f"memory plan: {planned.line()}; host allocator {host}")
     if resume and not newest_checkpoint(checkpoint):
         say("no checkpoint to resume from: training from the start")
     with tracking.training(cfg, run_dir, inputs["data"], resume) as on_step:  # MLflow, when configured
@@ -202,7 +203,7 @@ def run_train(prep: Prepared, run_dir: Path, resume: bool = False, restart: bool
         "audit": audit, "final_loss": log[-1]["loss"] if log else None, "train_id": train_id,
         "trainable_parameters": trainable, "total_parameters": total,
         "memory": {"planned": planned.parts, "planned_peak": planned.peak, "strategy": planned.strategy,
-                   "host_allocator": allocator.name(), **measured}})
+                   "host_allocator": host, **measured}})
 
 
 def training_examples(prep: Prepared) -> list:
@@ -253,7 +254,8 @@ def memory_plan(prep: Prepared, train_set: list, train_cfg=None, gpu: bool | Non
     if key not in _SHAPES:  # the model built on the meta device, once per method (advice tries several)
         _SHAPES[key] = memory.model_shape(hf_config(prep.model_source, prep.cfg.model), cfg.method, cfg.lora)
     shape = _SHAPES[key]
-    tokens, supervised = memory.pass_size([len(e.input_ids) for e in train_set], [e.n_supervised for e in train_set],
+    lengths = [len(e.input_ids) for e in train_set]
+    tokens, supervised = memory.pass_size(lengths, [e.n_supervised for e in train_set],
                                           cfg.batch_size, cfg.pass_tokens, examples=train_set, packing=cfg.packing,
                                           share_prefix=cfg.share_prefix)
     evaluation = 0
@@ -261,8 +263,7 @@ def memory_plan(prep: Prepared, train_set: list, train_cfg=None, gpu: bool | Non
         prompt = max(len(e.input_ids) - e.n_supervised for e in train_set)
         evaluation = memory.generation_bytes(shape, min(prep.cfg.evaluate.batch_size, cfg.metric_samples), prompt,
                                              max(t.template.max_new_tokens for t in prep.tasks), cfg.bf16)
-    passes = memory.passes_per_step([len(e.input_ids) for e in train_set], cfg.batch_size, cfg.pass_tokens,
-                                    cfg.grad_accum)
+    passes = memory.passes_per_step(lengths, cfg.batch_size, cfg.pass_tokens, cfg.grad_accum)
     return functools.partial(memory.footprint, shape, tokens=tokens, supervised=supervised, evaluation=evaluation,
                              device="cuda" if gpu else "cpu", passes=passes, **memory.plan_options(cfg))
 
