@@ -399,7 +399,8 @@ def test_what_fsdp_cannot_do_yet_is_refused_by_name(tiny_model, monkeypatch):
 def test_a_long_shared_prefix_under_fsdp_equals_one_process(tmp_path, tiny_model):
     """A system prompt long enough that one process computes the shared prefix as a pass of its own (past the fused
     row's FUSED_MAX): FSDP, which gathers a layer's weights only for gradients through the layer's output, computes
-    it within the rows instead, and gives the same losses (the two-pass prefix there fails in backward)."""
+    it in one fused row (up to FUSED_ALONE_MAX) or within the rows instead, and gives the same losses (the two-pass
+    prefix there fails in backward)."""
     system = " ".join(["Answer with one of the four categories and nothing else."] * 8)
     configs = []
     for name, batch, extra in (("one", 8, {}), ("two", 4, {"strategy": "fsdp"})):

@@ -237,6 +237,26 @@ def test_shared_prefix_computed_once_equals_the_padded_batch(tiny_model, tiny_ge
         assert completion_loss_sum(model, leaky).item() != pytest.approx(reference[0], rel=1e-4)
 
 
+def test_without_a_prefix_pass_a_longer_fused_row_replaces_rows_that_repeat_the_prefix():
+    """FSDP and checkpointing cannot run the prefix as a pass of its own (`two_pass=False`): a fused row up to
+    FUSED_ALONE_MAX tokens is taken instead of padded rows that each repeat the prefix; past it, padded rows."""
+    from instructune.train.collate import FUSED_ALONE_MAX, FUSED_MAX
+
+    def batch(own: int, two_pass: bool) -> dict:
+        common = _random_examples(5, ((100, 0),))[0].input_ids
+        rows = _random_examples(6, ((own, 2),) * 4)
+        return collate([Encoded(common + e.input_ids, [IGNORE] * 100 + e.labels) for e in rows], 0, min_shared=16,
+                       fused=True, two_pass=two_pass)
+
+    middle, long = batch(60, True), batch(120, False)  # fused rows of 100 + 4 x 59 = 336 and 100 + 4 x 119 = 576
+    assert FUSED_MAX < 336 <= FUSED_ALONE_MAX < 576
+    assert "prefix_ids" in middle  # with a prefix pass: the prefix once, then rows
+    alone = batch(60, False)
+    assert alone["input_ids"].shape == (1, 336) and alone["attention_mask"].shape == (1, 1, 336, 336)
+    assert "prefix_ids" not in long and long["input_ids"].shape == (4, 219)  # each row repeats the prefix
+    assert alone["n_supervised"] == middle["n_supervised"] == 8
+
+
 def test_shared_prefix_stops_before_any_trained_prediction():
     from instructune.train.collate import shared_prefix_length
 

@@ -132,3 +132,27 @@ def test_the_checkpoint_and_its_previous_copy_are_removed_after_the_save(tmp_pat
     remove_checkpoints(folder)
     assert not folder.exists() and not old_copy(folder).exists() and newest_checkpoint(folder) is None
     remove_checkpoints(folder)  # nothing left: nothing to do
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_processes_share_the_very_micro_batches_one_process_accumulates(accum):
+    """A step's micro-batches do not depend on the process count: 2 processes x `accum` take exactly the passes one
+    process takes with 2 x `accum` accumulated (so their gradients differ only by the order the halves are summed:
+    DDP x 2 gave losses bit-identical to one process in benchmarks/memory_scaling.py), a short last step included."""
+    from instructune.prompts.format import IGNORE, Encoded
+    from instructune.train.loop import Plan
+
+    g = torch.Generator().manual_seed(0)
+    examples = [Encoded(ids := torch.randint(3, 300, (int(n),), generator=g).tolist(), [IGNORE] * (len(ids) - 2) + ids[-2:])
+                for n in torch.randint(5, 40, (37,), generator=g)]
+
+    def passes(world: int, rank: int, grad_accum: int) -> list[list[list[int]]]:
+        plan = Plan(examples, TrainConfig(batch_size=4, grad_accum=grad_accum, epochs=1), 0, 0, world, None, False)
+        return [[b["input_ids"].tolist() for b in plan.passes(group, rank, torch.device("cpu"))[0]]
+                for group in plan.groups(0)]
+
+    one = passes(1, 0, 2 * accum)
+    shared = [passes(2, rank, accum) for rank in (0, 1)]
+    assert len(one) == len(shared[0]) == len(shared[1]) == math.ceil(37 / (8 * accum))
+    for step, mine in enumerate(one):
+        assert sorted(mine) == sorted(shared[0][step] + shared[1][step]), step

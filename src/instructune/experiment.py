@@ -7,7 +7,6 @@ was made from (`rundir.begin`/`finish`); redoing a stage first removes what depe
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -255,17 +254,26 @@ def memory_plan(prep: Prepared, train_set: list, train_cfg=None, gpu: bool | Non
         _SHAPES[key] = memory.model_shape(hf_config(prep.model_source, prep.cfg.model), cfg.method, cfg.lora)
     shape = _SHAPES[key]
     lengths = [len(e.input_ids) for e in train_set]
-    tokens, supervised = memory.pass_size(lengths, [e.n_supervised for e in train_set],
-                                          cfg.batch_size, cfg.pass_tokens, examples=train_set, packing=cfg.packing,
-                                          share_prefix=cfg.share_prefix)
     evaluation = 0
     if cfg.eval_metric and train_set:  # generation on validation between steps: the longest prompt stands for them
         prompt = max(len(e.input_ids) - e.n_supervised for e in train_set)
         evaluation = memory.generation_bytes(shape, min(prep.cfg.evaluate.batch_size, cfg.metric_samples), prompt,
                                              max(t.template.max_new_tokens for t in prep.tasks), cfg.bf16)
     passes = memory.passes_per_step(lengths, cfg.batch_size, cfg.pass_tokens, cfg.grad_accum)
-    return functools.partial(memory.footprint, shape, tokens=tokens, supervised=supervised, evaluation=evaluation,
-                             device="cuda" if gpu else "cpu", passes=passes, **memory.plan_options(cfg))
+    sizes = {}  # the largest pass, by whether the shared prefix may run as a pass of its own (`loop.Plan.two_pass`)
+
+    def plan(strategy: str, processes: int) -> memory.Footprint:
+        two_pass = not cfg.gradient_checkpointing and not (strategy == "fsdp" and processes > 1)
+        if two_pass not in sizes:
+            sizes[two_pass] = memory.pass_size(lengths, [e.n_supervised for e in train_set], cfg.batch_size,
+                                               cfg.pass_tokens, examples=train_set, packing=cfg.packing,
+                                               share_prefix=cfg.share_prefix, two_pass=two_pass)
+        tokens, supervised = sizes[two_pass]
+        return memory.footprint(shape, strategy, processes, tokens=tokens, supervised=supervised,
+                                evaluation=evaluation, device="cuda" if gpu else "cpu", passes=passes,
+                                **memory.plan_options(cfg))
+
+    return plan
 
 
 _SHAPES: dict = {}

@@ -12,6 +12,13 @@ from ..prompts.format import IGNORE, Encoded
 # Longest fused shared-prefix row: its attention is computed densely over the whole row (T x T), which on a CPU cost
 # about as much as it saves at ~470 tokens (packing SmolLM2 UCI batches) and is cheap below ~250.
 FUSED_MAX = 256
+# Where the prefix cannot run as a pass of its own (FSDP, activation checkpointing: `two_pass=False`), the fused row
+# is weighed against padded rows that each repeat the prefix. SmolLM2-135M, fp32, 2 threads, one forward + backward of
+# 8 examples sharing a 43-token prefix: 8 x 40 tokens of their own, a fused row of 355 tokens 2.01 s and 0.53 GB of
+# activations against 8 padded rows of 82 3.22 s and 0.89 GB; 8 x 58: 499 tokens 2.81 s, 0.75 GB against 3.54 s,
+# 1.08 GB. It still won at 1,252 tokens (a 300-token prefix), but with a short prefix and long rows the dense T x T
+# attention outgrows what sharing saves: the cap stays where every case measured was a clear win.
+FUSED_ALONE_MAX = 512
 
 
 def shared_prefix_length(examples: list[Encoded]) -> int:
@@ -44,7 +51,8 @@ def collate(examples: list[Encoded], pad_id: int, packed: bool = False, min_shar
 
     - `collate_seq2seq`: encoder-decoder examples (prompt to the encoder, completion to the decoder);
     - `_fused_prefix`: all examples share at least `min_shared` leading tokens, the model takes a 4-D mask (`fused`)
-      and the row fits `FUSED_MAX`: one row, the prefix once, then each example's own tokens;
+      and the row fits `FUSED_MAX` (`FUSED_ALONE_MAX` with `two_pass=False`): one row, the prefix once, then each
+      example's own tokens;
     - `_two_pass_prefix`: the same shared prefix otherwise: the prefix once (a KV cache), then padded rows (not with
       `two_pass=False`: under FSDP the prefix's keys and values would reach the loss past FSDP's backward hooks,
       which gather a layer's weights only for gradients through the layer's own output);
@@ -63,7 +71,7 @@ def collate(examples: list[Encoded], pad_id: int, packed: bool = False, min_shar
     if prefix >= min_shared > 0:
         width = max(len(ids) for ids, _ in rows) - prefix
         total = prefix + sum(len(ids) - prefix for ids, _ in rows)
-        if fused and total <= FUSED_MAX and (window is None or total < window):
+        if fused and total <= (FUSED_MAX if two_pass else FUSED_ALONE_MAX) and (window is None or total < window):
             return _fused_prefix(rows, prefix, n_tokens)
         if two_pass and (window is None or prefix + width < window):
             return _two_pass_prefix(rows, prefix, pad_id, n_tokens)

@@ -24,6 +24,7 @@ from .batching import length_grouped_batches, split_by_tokens
 from . import memory
 from .checkpoint import check_meta, newest_checkpoint
 from .collate import collate
+from .fused import lean_blocks
 from .loss import completion_loss_sum, to_device, validation_loss
 from .optim import make_optimizer
 from .strategy import Strategy, strategy_for
@@ -47,7 +48,7 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
     weights kept. Several processes: DDP or FSDP (`strategy`, by default `strategy_for` the config and process
     count). `measured` gets `memory.measured`'s figures; `on_step(entry)` sees each log entry (MLflow tracking)."""
     device = next(model.parameters()).device
-    with grouped_kv_heads(device):
+    with grouped_kv_heads(device), lean_blocks(model):  # RMSNorm and SwiGLU keep less for backward (`fused`)
         torch.manual_seed(seed)
         rank, world = distributed()
         strategy = strategy or strategy_for(cfg, world, model, score_fn)
@@ -163,13 +164,18 @@ class Plan:
         """This process's share of a global batch as collated passes, the weight of its loss and the supervised
         tokens of the whole step (all micro-batches of all processes: accumulation = one big batch)."""
         n_supervised = sum(self.supervised[i] for i in group)
-        mine, weight = group[rank::self.world], float(self.world)  # DDP averages gradients over processes: undo it
+        weight = float(self.world)  # DDP averages gradients over processes: undo it
+        # The step's micro-batches are the same whatever the process count: world x grad_accum slices of the group,
+        # in order (at most batch_size each), process r taking slices r, r + world, ... So one process accumulating
+        # two micro-batches computes exactly the passes two processes share, and their gradients differ only in
+        # the summation of the halves (no rounding at all with 2: a + b). Each split further into passes of at most
+        # pass_tokens (long examples).
+        slots = self.world * self.cfg.grad_accum
+        size = math.ceil(len(group) / slots)
+        mine = [group[j:j + size] for j in range(rank * size, len(group), self.world * size)]
         if not mine:  # a short last step: this process still joins the gradient all-reduce, with zero weight
-            mine, weight = group[:1], 0.0
-        # micro-batches of batch_size, each split further into passes of at most pass_tokens (long examples)
-        size = self.cfg.batch_size
-        parts = [part for j in range(0, len(mine), size)
-                 for part in split_by_tokens(mine[j:j + size], self.lengths, self.cfg.pass_tokens)]
+            mine, weight = [group[:1]], 0.0
+        parts = [part for micro in mine for part in split_by_tokens(micro, self.lengths, self.cfg.pass_tokens)]
         micro = [to_device(collate([self.examples[i] for i in part], self.pad_id, self.cfg.packing,
                                    self.cfg.share_prefix, self.window, self.fused, self.two_pass), device)
                  for part in parts]

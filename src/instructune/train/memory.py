@@ -19,7 +19,8 @@ The accounting (bytes per process, N processes, P parameters of which T are trai
               4-bit layers' full-precision size (fp32; bf16 under train.bf16), read before they are quantized; the
               process stays that much larger after loading (benchmarks/memory_reach.py, SmolLM2-135M: 420 MiB
               for 405 planned; a CUDA peak counts only what is allocated, which this is not)
-  activations what backward keeps per token and layer, x the tokens of the largest pass, plus the logits at the
+  activations what backward keeps per token and layer (`Shape.kept`: fewer in the blocks `fused.lean_blocks`
+              makes leaner), x the tokens of the largest pass, plus the logits at the
               supervised positions (the loss takes them nowhere else) and their softmax and gradient; full
               fine-tuning under bf16 also autocast's bf16 copies of the fp32 weights (not under FSDP); QLoRA also
               the largest 4-bit weight dequantized for its matmul. With train.gradient_checkpointing only each
@@ -47,8 +48,9 @@ import gc
 import warnings
 from dataclasses import dataclass, field
 
+from . import fused
 from .batching import split_by_tokens
-from .collate import shared_prefix_length
+from .collate import FUSED_ALONE_MAX, shared_prefix_length
 
 GB = 1e9
 HEADROOM = 0.9  # a plan fits when its peak is at most this share of the memory: fragmentation, communication buffers
@@ -65,7 +67,9 @@ RUNTIME = int(0.5 * GB)
 # on whole runs. CUDA's caching allocator keeps rounded blocks reserved: an estimate from the README's H100 runs
 # (allocated 7-20 % under the plan without this term), to be measured by benchmarks/gpu_check.sh.
 ALLOCATOR = {"cpu-glibc": 0.75, "cpu-tcmalloc": 0.3, "cpu-jemalloc": 0.3, "cuda": 0.1}
-PER_TOKEN_LAYER = (10, 4)  # activations kept per token and layer: 10 x hidden + 4 x MLP width (Llama-style block)
+# activations kept per token and layer: 10 x hidden + 4 x MLP width (Llama-style block); `fused.lean_blocks` keeps
+# 2 x hidden fewer with its RMSNorms and 1 x MLP width fewer with its SwiGLU MLP (`Shape.kept`)
+PER_TOKEN_LAYER = (10, 4)
 
 
 @dataclass
@@ -82,6 +86,7 @@ class Shape:
     vocab: int
     quantized: tuple[int, ...] = ()  # QLoRA: the values of each linear weight that loads in 4 bits
     kv: int = 0      # values a layer's key-value cache holds per token (2 x key-value heads x head size)
+    kept: tuple[int, int] = PER_TOKEN_LAYER  # activations per token and layer, in hidden sizes and MLP widths
 
 
 @dataclass
@@ -138,6 +143,9 @@ def model_shape(config, method: str, lora=None) -> Shape:
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "num_heads", 1)
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or getattr(text, "d_kv", None) or hidden // heads
+    lean = [fused.lean_forward(m) for m in (blocks[0].modules() if blocks else ())]  # what `fused.lean_blocks` swaps
+    kept = (PER_TOKEN_LAYER[0] - min(2, sum(f is fused.lean_rms_norm for f in lean)),
+            PER_TOKEN_LAYER[1] - min(1, sum(f is fused.lean_mlp for f in lean)))
     return Shape(
         parameters=sum(p.numel() for p in params.values()),
         trainable=sum(p.numel() for p in params.values() if p.requires_grad),
@@ -145,7 +153,7 @@ def model_shape(config, method: str, lora=None) -> Shape:
         layer=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
         layers=len(blocks), hidden=hidden,
         mlp=getattr(text, "intermediate_size", None) or getattr(text, "d_ff", None) or 4 * hidden,
-        vocab=getattr(text, "vocab_size", 0), quantized=quantized, kv=2 * kv_heads * head_dim)
+        vocab=getattr(text, "vocab_size", 0), quantized=quantized, kv=2 * kv_heads * head_dim, kept=kept)
 
 
 def four_bit_linears(model) -> list:
@@ -174,7 +182,7 @@ def activation_parts(shape: Shape, tokens: int, supervised: int, bf16: bool = Fa
     their activations, or with checkpointing only each layer's input), what backward recomputes (one layer's
     activations, checkpointing only) and the logits at the `supervised` positions with their softmax and gradient."""
     act_bytes = 2 if bf16 else 4
-    per_layer = (PER_TOKEN_LAYER[0] * shape.hidden + PER_TOKEN_LAYER[1] * shape.mlp) * tokens * act_bytes
+    per_layer = (shape.kept[0] * shape.hidden + shape.kept[1] * shape.mlp) * tokens * act_bytes
     kept = shape.layers * tokens * shape.hidden * act_bytes if checkpointing else shape.layers * per_layer
     return {"layers": kept, "recomputed": per_layer if checkpointing else 0, "logits": supervised * shape.vocab * 4 * 3}
 
@@ -186,11 +194,14 @@ def plan_options(train) -> dict:
 
 
 def pass_size(lengths: list[int], supervised: list[int], batch_size: int, pass_tokens: int, *,
-              examples: list | None = None, packing: bool = False, share_prefix: int = 0) -> tuple[int, int]:
+              examples: list | None = None, packing: bool = False, share_prefix: int = 0,
+              two_pass: bool = True) -> tuple[int, int]:
     """(tokens, supervised tokens) of the largest forward pass: the `batch_size` longest examples, split into
     passes as training splits them (`split_by_tokens`), each laid out as `collate` lays it out: rows padded to the
     longest, one packed row (`packing`), or, when the `examples` (Encoded) of a pass begin with at least
-    `share_prefix` common tokens, that prefix once and each row after it."""
+    `share_prefix` common tokens, that prefix once and each row after it (`two_pass`: the prefix may run as a pass of
+    its own; without that, under FSDP and checkpointing, only in one fused row of at most `FUSED_ALONE_MAX` tokens:
+    longer, each padded row repeats it)."""
     if not lengths:
         return 0, 0
     longest = _longest(lengths, batch_size)
@@ -200,7 +211,8 @@ def pass_size(lengths: list[int], supervised: list[int], batch_size: int, pass_t
             return sum(lengths[i] for i in part)
         prefix = shared_prefix_length([examples[i] for i in part]) if examples and share_prefix else 0
         prefix = prefix if prefix >= share_prefix else 0
-        return prefix + len(part) * (max(lengths[i] for i in part) - prefix)
+        shared = prefix + len(part) * (max(lengths[i] for i in part) - prefix)
+        return shared if two_pass or shared <= FUSED_ALONE_MAX else len(part) * max(lengths[i] for i in part)
 
     padded = {tuple(p): tokens(p) for p in split_by_tokens(longest, lengths, pass_tokens)}
     biggest = max(padded, key=padded.get)

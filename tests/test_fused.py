@@ -1,0 +1,121 @@
+"""The leaner RMSNorm and SwiGLU backward (`train/fused.py`): the same outputs bit for bit, the same gradients up to
+rounding, the tensors kept for backward fewer by exactly what the memory plan counts, and only where the module's
+forward is the one reproduced."""
+
+import pytest
+import torch
+from transformers import (Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
+
+from conftest import GRAD_RTOL, grads_gap
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+from instructune.train import memory
+from instructune.train.fused import lean_blocks, lean_forward, lean_mlp, lean_rms_norm
+
+COMMON = dict(vocab_size=97, hidden_size=48, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2)
+ARCHS = {
+    "llama": (LlamaForCausalLM, LlamaConfig(**COMMON)),
+    "mistral": (MistralForCausalLM, MistralConfig(**COMMON, head_dim=12)),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config(**COMMON)),
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config(**COMMON, head_dim=12)),
+    "phi3": (Phi3ForCausalLM, Phi3Config(**COMMON, pad_token_id=0)),
+    "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig(**COMMON, head_dim=12)),
+}
+
+
+def _model(arch: str):
+    torch.manual_seed(0)
+    cls, config = ARCHS[arch]
+    config._attn_implementation = "sdpa"
+    model = cls(config).train()
+    with torch.no_grad():  # norms away from 1, so their gradients are not trivial
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def _step(model, ids):
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3"])
+def test_same_outputs_bit_for_bit_and_the_same_gradients(arch):
+    model = _model(arch)
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+    logits, grads = _step(model, ids)
+    classes = [type(m) for m in model.modules()]
+    with lean_blocks(model) as swapped:
+        lean_logits, lean_grads = _step(model, ids)
+    # Llama, Mistral, Qwen2: 2 norms a layer + the final one, and each MLP; Qwen3 its q/k norms too; Phi-3 its norms
+    # (its MLP multiplies a fused gate_up projection); Gemma 3 none (its norms scale by 1 + w)
+    assert swapped == {"llama": 7, "mistral": 7, "qwen2": 7, "qwen3": 11, "phi3": 5, "gemma3": 0}[arch]
+    assert torch.equal(lean_logits, logits)
+    assert lean_grads.keys() == grads.keys() and grads_gap(lean_grads, grads) < GRAD_RTOL
+    assert [type(m) for m in model.modules()] == classes  # as it was afterwards
+
+
+def test_the_tensors_kept_for_backward_shrink_by_what_the_plan_counts():
+    """Two hidden-size tensors (the normalised inputs of a layer's two norms) and one MLP-size tensor (silu(gate))
+    fewer per token and layer, which is `memory.Shape.kept` from the model's config."""
+    model = _model("llama")
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+
+    def kept_bytes() -> int:
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids).logits.sum().backward()
+        return sum(seen.values())
+
+    plain = kept_bytes()
+    with lean_blocks(model):
+        lean = kept_bytes()
+    config = ARCHS["llama"][1]
+    tokens, layers = ids.numel(), config.num_hidden_layers
+    final_norm = tokens * config.hidden_size * 4  # the last norm keeps one hidden-size tensor fewer too
+    assert plain - lean == layers * tokens * (2 * config.hidden_size + config.intermediate_size) * 4 + final_norm
+    assert memory.model_shape(config, "full").kept == (8, 3)
+    assert memory.model_shape(ARCHS["phi3"][1], "full").kept == (8, 4)
+    assert memory.model_shape(ARCHS["gemma3"][1], "full").kept == memory.PER_TOKEN_LAYER
+
+
+def test_only_the_forwards_reproduced_are_swapped():
+    model = _model("llama")
+    norm, mlp = model.model.layers[0].input_layernorm, model.model.layers[0].mlp
+    assert lean_forward(norm) is lean_rms_norm and lean_forward(mlp) is lean_mlp
+    mlp.act_fn = torch.nn.GELU()  # another activation: the SwiGLU function does not apply
+    assert lean_forward(mlp) is None
+
+    class Other(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    assert lean_forward(Other()) is None and lean_forward(model.model.layers[0]) is None
+    norm.forward = lambda x: x  # a forward set on the module by someone else is left alone
+    with lean_blocks(model):
+        assert norm.forward(torch.ones(1)) == 1 and type(norm) is LlamaRMSNorm
+
+
+def test_a_mode_change_inside_keeps_the_lean_forward_and_leaving_restores_the_classes():
+    """transformers' hub-kernel layers reset a module's own `forward` at `model.train()`/`eval()` (the validation
+    in training switches modes): the leaner forward is the class's, so it stays."""
+    model = _model("llama")
+    norm = model.model.layers[0].input_layernorm
+    with lean_blocks(model):
+        model.eval()
+        model.train()
+        assert type(norm).forward is lean_rms_norm and isinstance(norm, LlamaRMSNorm)
+        assert type(norm).__name__ == "LlamaRMSNorm"  # names matched elsewhere (`_no_split_modules`) still match
+    assert type(norm) is LlamaRMSNorm and type(model.model.layers[0].mlp) is LlamaMLP
