@@ -2,6 +2,8 @@
 rounding, the tensors kept for backward fewer by exactly what the memory plan counts, and only where the module's
 forward is the one reproduced."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import (Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
@@ -89,6 +91,14 @@ def test_the_tensors_kept_for_backward_shrink_by_what_the_plan_counts():
     assert memory.model_shape(config, "full").kept == (8, 3)
     assert memory.model_shape(ARCHS["phi3"][1], "full").kept == (8, 4)
     assert memory.model_shape(ARCHS["gemma3"][1], "full").kept == memory.PER_TOKEN_LAYER
+    # checkpointed layers run as they are (nothing inside them is kept): their recomputed layer counted in full
+    shape = memory.model_shape(config, "full")
+    plain = dataclasses.replace(shape, kept=memory.PER_TOKEN_LAYER)
+    kw = dict(tokens=64, supervised=8, method="full")
+    assert (memory.footprint(shape, "ddp", 1, checkpointing=True, **kw).parts
+            == memory.footprint(plain, "ddp", 1, checkpointing=True, **kw).parts)
+    assert (memory.footprint(shape, "ddp", 1, **kw).parts["activations"]
+            < memory.footprint(plain, "ddp", 1, **kw).parts["activations"])
 
 
 def test_only_the_forwards_reproduced_are_swapped():

@@ -46,9 +46,8 @@ import ctypes
 import ctypes.util
 import gc
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from . import fused
 from .batching import split_by_tokens
 from .collate import FUSED_ALONE_MAX, shared_prefix_length
 
@@ -68,7 +67,8 @@ RUNTIME = int(0.5 * GB)
 # (allocated 7-20 % under the plan without this term), to be measured by benchmarks/gpu_check.sh.
 ALLOCATOR = {"cpu-glibc": 0.75, "cpu-tcmalloc": 0.3, "cpu-jemalloc": 0.3, "cuda": 0.1}
 # activations kept per token and layer: 10 x hidden + 4 x MLP width (Llama-style block); `fused.lean_blocks` keeps
-# 2 x hidden fewer with its RMSNorms and 1 x MLP width fewer with its SwiGLU MLP (`Shape.kept`)
+# 2 x hidden fewer with its RMSNorms and 1 x MLP width fewer with its SwiGLU MLP (`Shape.kept`), not under
+# activation checkpointing
 PER_TOKEN_LAYER = (10, 4)
 
 
@@ -124,6 +124,8 @@ def model_shape(config, method: str, lora=None) -> Shape:
     the default initialisation, which needs no decomposition of meta weights)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from . import fused
 
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     with torch.device("meta"), warnings.catch_warnings():
@@ -265,6 +267,8 @@ def footprint(shape: Shape, strategy: str, processes: int, tokens: int, supervis
     """Bytes per process for one strategy (see the module's accounting); `evaluation`: what generation during
     training holds at most (`generation_bytes`), 0 without `train.eval_metric`; `device`: "cpu" or "cuda", whose
     allocators keep different shares (`allocator_share`); `passes`: per optimizer step (`passes_per_step`)."""
+    if checkpointing:  # checkpointed layers run as they are (`loop.train` makes them leaner only without)
+        shape = replace(shape, kept=PER_TOKEN_LAYER)
     frozen = shape.parameters - shape.trainable - sum(shape.quantized)
     weight_bytes = 2 if (bf16 and method in ("lora", "qlora")) else 4
     weights = (frozen * weight_bytes + shape.trainable * 4
