@@ -112,11 +112,13 @@ def _lean_class(cls: type, forward) -> type:
 
 
 @contextlib.contextmanager
-def lean_blocks(model):
+def lean_blocks(model, enabled: bool = True):
     """Within the block, the model's RMSNorms and SwiGLU MLPs run the leaner backward (module by module; others as
-    they are); afterwards the model is as it was. Yields how many modules it changed."""
+    they are); afterwards the model is as it was. Yields how many modules it changed. `enabled=False` changes
+    nothing: under activation checkpointing (a checkpointed layer keeps nothing inside, so the recomputation would
+    only cost: 2 % slower, SmolLM2-135M LoRA on 8 x 300 tokens)."""
     swapped = []
-    for module in model.modules():
+    for module in model.modules() if enabled else ():
         if (found := lean_forward(module)) is not None and "forward" not in vars(module):
             swapped.append((module, type(module)))
             module.__class__ = _lean_class(type(module), found)

@@ -48,10 +48,7 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
     weights kept. Several processes: DDP or FSDP (`strategy`, by default `strategy_for` the config and process
     count). `measured` gets `memory.measured`'s figures; `on_step(entry)` sees each log entry (MLflow tracking)."""
     device = next(model.parameters()).device
-    # RMSNorm and SwiGLU keep less for backward (`fused`); checkpointed layers keep nothing inside, so there the
-    # recomputation would only cost (2 % slower, SmolLM2-135M LoRA on 8 x 300 tokens)
-    lean = contextlib.nullcontext() if cfg.gradient_checkpointing else lean_blocks(model)
-    with grouped_kv_heads(device), lean:
+    with grouped_kv_heads(device), lean_blocks(model, not cfg.gradient_checkpointing):  # (`fused`)
         torch.manual_seed(seed)
         rank, world = distributed()
         strategy = strategy or strategy_for(cfg, world, model, score_fn)
