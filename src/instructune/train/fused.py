@@ -5,11 +5,10 @@ forward (the same operations in the same order, so the same outputs, bit for bit
   the root only (the normalised x is recomputed: one multiply);
 - SwiGLU `silu(gate) * up`: autograd keeps gate, silu(gate) and up; here gate and up (silu recomputed).
 
-That is 2 of the ~10 hidden-size and 1 of the ~4 MLP-size tensors a layer keeps per token: SmolLM2-135M, 8 x 83
-tokens, fp32, one forward + backward: 0.90 -> 0.68 GB of activations, at the same speed on a 2-core CPU (the two
-alternated, best of 4: full fine-tuning 3.46 -> 3.28 s; LoRA on 8 x 300 tokens 9.81 -> 9.78 s; SwiGLU's backward
-is torch's own `silu_backward`: written out in elementwise steps it was 4 % slower). The gradients are the same up to
-rounding.
+That is 2 of the ~10 hidden-size and 1 of the ~4 MLP-size tensors a layer keeps per token: SmolLM2-135M, fp32,
+2-core CPU (`benchmarks/lean_layers.py`): 0.91 -> 0.69 GB of activations for 8 x 83 tokens (full fine-tuning), 2.93
+-> 2.49 GB for 8 x 300 (LoRA), at the same speed (SwiGLU's backward is torch's own `silu_backward`: written out in
+elementwise steps it was 4 % slower). The gradients are the same up to rounding.
 
 `lean_blocks(model)` swaps these in for training, on modules whose forward is, whitespace aside, the one the
 functions here reproduce (transformers' Llama, Mistral, Qwen2, Qwen3, Phi-3 norms, and their MLPs with a SiLU);
