@@ -253,7 +253,7 @@ def memory_plan(prep: Prepared, train_set: list, train_cfg=None, gpu: bool | Non
     if key not in _SHAPES:  # the model built on the meta device, once per method (advice tries several)
         _SHAPES[key] = memory.model_shape(hf_config(prep.model_source, prep.cfg.model), cfg.method, cfg.lora)
     shape = _SHAPES[key]
-    lengths = [len(e.input_ids) for e in train_set]
+    lengths, supervised = [len(e.input_ids) for e in train_set], [e.n_supervised for e in train_set]
     evaluation = 0
     if cfg.eval_metric and train_set:  # generation on validation between steps: the longest prompt stands for them
         prompt = max(len(e.input_ids) - e.n_supervised for e in train_set)
@@ -265,11 +265,11 @@ def memory_plan(prep: Prepared, train_set: list, train_cfg=None, gpu: bool | Non
     def plan(strategy: str, processes: int) -> memory.Footprint:
         two_pass = not cfg.gradient_checkpointing and not (strategy == "fsdp" and processes > 1)
         if two_pass not in sizes:
-            sizes[two_pass] = memory.pass_size(lengths, [e.n_supervised for e in train_set], cfg.batch_size,
-                                               cfg.pass_tokens, examples=train_set, packing=cfg.packing,
+            sizes[two_pass] = memory.pass_size(lengths, supervised, cfg.batch_size, cfg.pass_tokens,
+                                               examples=train_set, packing=cfg.packing,
                                                share_prefix=cfg.share_prefix, two_pass=two_pass)
-        tokens, supervised = sizes[two_pass]
-        return memory.footprint(shape, strategy, processes, tokens=tokens, supervised=supervised,
+        tokens, trained = sizes[two_pass]
+        return memory.footprint(shape, strategy, processes, tokens=tokens, supervised=trained,
                                 evaluation=evaluation, device="cuda" if gpu else "cpu", passes=passes,
                                 **memory.plan_options(cfg))
 

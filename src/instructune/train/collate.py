@@ -13,10 +13,10 @@ from ..prompts.format import IGNORE, Encoded
 # about as much as it saves at ~470 tokens (packing SmolLM2 UCI batches) and is cheap below ~250.
 FUSED_MAX = 256
 # Where the prefix cannot run as a pass of its own (FSDP, activation checkpointing: `two_pass=False`), the fused row
-# is weighed against padded rows that each repeat the prefix. SmolLM2-135M, fp32, 2 threads, one forward + backward of
-# 8 examples sharing a 43-token prefix: 8 x 40 tokens of their own, a fused row of 355 tokens 2.01 s and 0.53 GB of
-# activations against 8 padded rows of 82 3.22 s and 0.89 GB; 8 x 58: 499 tokens 2.81 s, 0.75 GB against 3.54 s,
-# 1.08 GB. It still won at 1,252 tokens (a 300-token prefix), but with a short prefix and long rows the dense T x T
+# is weighed against padded rows that each repeat the prefix (`benchmarks/lean_layers.py`: SmolLM2-135M, fp32, 2
+# threads, a forward + backward of 8 examples sharing a 43-token prefix): 8 x 40 tokens of their own, a fused row of 355
+# tokens 0.71x the time and 0.60x the activations of 8 padded rows of 82; 8 x 58: 499 tokens, 0.83x and 0.70x. It
+# still won at 1,252 tokens (a 300-token prefix), but with a short prefix and long rows the dense T x T
 # attention outgrows what sharing saves: the cap stays where every case measured was a clear win.
 FUSED_ALONE_MAX = 512
 

@@ -79,15 +79,19 @@ def lean_mlp(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
 
 
+def _squashed(source: str) -> str:
+    return re.sub(r"\s+", " ", source).strip()
+
+
 @functools.cache
 def _source(cls: type) -> str:
     try:
-        return re.sub(r"\s+", " ", inspect.getsource(cls.forward)).strip()
+        return _squashed(inspect.getsource(cls.forward))
     except (OSError, TypeError, AttributeError):
         return ""
 
 
-_KNOWN = {re.sub(r"\s+", " ", s).strip(): f for s, f in ((RMS_NORM_SOURCE, lean_rms_norm), (MLP_SOURCE, lean_mlp))}
+_KNOWN = {_squashed(s): f for s, f in ((RMS_NORM_SOURCE, lean_rms_norm), (MLP_SOURCE, lean_mlp))}
 
 
 def lean_forward(module: torch.nn.Module):
@@ -96,11 +100,6 @@ def lean_forward(module: torch.nn.Module):
     if found is lean_mlp and type(getattr(module, "act_fn", None)).__name__ not in ("SiLUActivation", "SiLU"):
         return None
     return found
-
-
-def leans(model) -> bool:
-    """Whether `lean_blocks` changes any module of `model` (a model on the meta device will do)."""
-    return any(lean_forward(m) is not None for m in model.modules())
 
 
 @functools.cache
