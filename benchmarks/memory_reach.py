@@ -9,7 +9,8 @@ Each row is one training through the normal path, in its own subprocess (so ever
 `tasks.prepare`, `experiment.start_run`, `experiment.run_train` (the memory plan, the model, `train.loop.train`, the
 save) and, on the UCI data, `experiment.run_evaluate` (the test split, scored as `instructune run` scores it; a QLoRA
 model is evaluated as trained: 4-bit base + adapter), in a temporary run folder. Same seed, steps and data for
-every row of a (model, data) pair. The rows (`--methods`), each the config plus:
+every row of a (model, data, seed); `--seeds 0 1 2` runs every row once per experiment seed (the split, the adapter's
+init and the data order) and prints each method's test accuracy over the seeds. The rows (`--methods`), each the config plus:
 
     lora-fp32    train.method: lora (the anchor)            lora-ckpt    lora + train.gradient_checkpointing: true
     lora-bf16    lora + train.bf16: true                    qlora-ckpt   qlora + train.gradient_checkpointing: true
@@ -130,7 +131,8 @@ def worker(args) -> None:
 
     model_name, data, method = args.worker
     work = Path(args.work)
-    overrides = [f"model.name={model_name}", "train.epochs=1", f"output_dir={work / 'run'}", "baseline.enabled=false"]
+    overrides = [f"model.name={model_name}", "train.epochs=1", f"output_dir={work / 'run'}", "baseline.enabled=false",
+                 f"seed={args.seed}"]
     overrides += [f"{k}={v}" for k, v in METHODS[method].items()]
     if method.startswith("qlora"):
         overrides.append(f"train.bf16={str(args.qlora_bf16 == 'on').lower()}")
@@ -170,10 +172,11 @@ def worker(args) -> None:
 
 
 # -- the driver ---------------------------------------------------------------------------------------------------
-def spawn(model: str, data: str, method: str, args) -> dict:
+def spawn(model: str, data: str, method: str, seed: int, args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="instructune-reach-"))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", model, data, method, "--work", str(work),
-           "--uci-steps", str(args.uci_steps), "--email-steps", str(args.email_steps), "--qlora-bf16", args.qlora_bf16]
+           "--uci-steps", str(args.uci_steps), "--email-steps", str(args.email_steps), "--qlora-bf16", args.qlora_bf16,
+           "--seed", str(seed)]
     cmd += ["--no-eval"] if args.no_eval else []
     started = time.perf_counter()
     try:
@@ -185,7 +188,7 @@ def spawn(model: str, data: str, method: str, args) -> dict:
     if proc.returncode or not lines:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
         raise SystemExit(f"{method} on {model} / {data} failed (exit {proc.returncode})")
-    print(f"  {model} {data} {method}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    print(f"  {model} {data} {method} seed {seed}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -204,12 +207,33 @@ def act(r: dict) -> int:
     return max(0, r["train_peak"] - r["start"])
 
 
-def row_line(model: str, data: str, method: str, r: dict) -> str:
+def row_line(model: str, data: str, method: str, seed: int, r: dict) -> str:
     acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
-    return (f"| {model} | {data} | {method} | {r['load_peak'] / MIB:.0f} | {r['train_peak'] / MIB:.0f} | "
+    return (f"| {model} | {data} | {method} | {seed} | {r['load_peak'] / MIB:.0f} | {r['train_peak'] / MIB:.0f} | "
             f"{act(r) / MIB:.0f} | {peak(r) / MIB:.0f} | {r['planned_peak'] / MIB:.0f} | "
             f"{r['planned_peak'] / peak(r):.2f} | {r['frozen'] / MIB:.0f} | "
             f"{r['quantized_held'] / r['quantized_bf16']:.2f} | {tokens_per_s(r):.0f} | {r['loss']:.4f} | {acc} |")
+
+
+def over_seeds(model: str, data: str, runs: dict) -> list[str]:
+    """Each method's test accuracy over the seeds (each seed: its own split, adapter init and data order; the
+    methods of one seed share all three), and each method's difference from LoRA fp32, seed by seed and on average."""
+    seeds = sorted(runs)
+    if len(seeds) < 2 or any(runs[s]["lora-fp32"]["accuracy"] is None for s in seeds if "lora-fp32" in runs[s]):
+        return []
+    out = []
+    for name in runs[seeds[0]]:
+        accs = [runs[s][name]["accuracy"] for s in seeds]
+        if None in accs:
+            continue
+        line = f"{model} {data} {name}: test accuracy over seeds {seeds}: mean {sum(accs) / len(accs):.4f} ("
+        line += ", ".join(f"{a:.4f}" for a in accs) + ")"
+        if name != "lora-fp32" and "lora-fp32" in runs[seeds[0]]:
+            diffs = [100 * (runs[s][name]["accuracy"] - runs[s]["lora-fp32"]["accuracy"]) for s in seeds]
+            line += (f"; against lora-fp32 {sum(diffs) / len(diffs):+.2f} points on average (" +
+                     ", ".join(f"{d:+.2f}" for d in diffs) + "; target within 1.5)")
+        out.append(line)
+    return out
 
 
 def ratios(model: str, data: str, rows: dict) -> list[str]:
@@ -251,6 +275,9 @@ def main() -> None:
     ap.add_argument("--qlora-bf16", choices=["auto", "on", "off"], default="auto",
                     help="train.bf16 in the qlora rows (auto: on where bf16 is native)")
     ap.add_argument("--no-eval", action="store_true", help="skip the UCI test accuracy")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="the experiment's seed (split, adapter init, "
+                    "data order), each method once per seed; several: the accuracies' mean and spread")
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--worker", nargs=3, metavar=("MODEL", "DATA", "METHOD"), help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -269,21 +296,24 @@ def main() -> None:
 
     started = time.perf_counter()
     epoch = f"{args.uci_steps} steps" if args.uci_steps else "one epoch"
-    print(f"# memory reach: batch {BATCH}, seed 0; uci {epoch}, emails {args.email_steps} steps; qlora train.bf16 "
+    print(f"# memory reach: batch {BATCH}, seeds {' '.join(map(str, args.seeds))}; uci {epoch}, emails {args.email_steps} steps; qlora train.bf16 "
           f"{args.qlora_bf16}; torch {torch.__version__}, {torch.get_num_threads()} threads, {device()}; host allocator "
           f"{chosen()}; MiB", flush=True)
-    print("\n| model | data | method | load | train | act | peak | plan | plan/peak | frozen | 4-bit/bf16 | "
+    print("\n| model | data | method | seed | load | train | act | peak | plan | plan/peak | frozen | 4-bit/bf16 | "
           "tokens/s | last loss | test accuracy |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
     summary, errors = [], []
     for model in args.models:
         for data in args.data:
-            rows = {}
-            for method in args.methods:
-                rows[method] = spawn(model, data, method, args)
-                print(row_line(model, data, method, rows[method]), flush=True)
-                errors.append(abs(rows[method]["planned_peak"] - peak(rows[method])) / peak(rows[method]))
-            summary += ratios(model, data, rows)
+            runs = {}
+            for seed in args.seeds:
+                rows = runs[seed] = {}
+                for method in args.methods:
+                    rows[method] = spawn(model, data, method, seed, args)
+                    print(row_line(model, data, method, seed, rows[method]), flush=True)
+                    errors.append(abs(rows[method]["planned_peak"] - peak(rows[method])) / peak(rows[method]))
+                summary += ratios(model, data if len(args.seeds) == 1 else f"{data} seed {seed}", rows)
+            summary += over_seeds(model, data, runs)
     print("\n" + "\n".join(summary))
     print(f"\nlargest plan error against the measured peak: {100 * max(errors):.1f} % (target <= 15 %)")
     print(f"# {time.perf_counter() - started:.0f} s in all", flush=True)

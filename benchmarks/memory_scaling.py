@@ -5,9 +5,11 @@ Not a test: run it by hand, with nothing else busy (the 2-process runs share thi
 
     .venv/bin/python benchmarks/memory_scaling.py                       # SmolLM2-135M, 6 steps of batch 8
     .venv/bin/python benchmarks/memory_scaling.py --model gemma3-270m --steps 4
+    .venv/bin/python benchmarks/memory_scaling.py --batch 4 --set train.max_grad_norm=null   # any config override
 
 Each setting is one `instructune train` (through `torchrun` for 2 processes) on the vendored UCI sentiment data
-(configs/uci-sentiment.yaml, `train.method: full`), in a fresh run folder. What is printed comes from the trained
+(configs/uci-sentiment.yaml, `train.method: full` at `train.lr: 5e-5`, the default for full fine-tuning: the config's
+5e-4 is its LoRA rate, at which full fine-tuning is unstable), in a fresh run folder. What is printed comes from the trained
 model's manifest (`memory`: what `train` measured in every process at the end of training) and its training log:
 
 - state: the bytes of weights, gradients and optimizer state each process held, counted from its tensors (under
@@ -37,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
 
 
-def run_one(model: str, processes: int, strategy: str, steps: int, batch: int, work: Path, threads: int = 0) -> dict:
+def run_one(model: str, processes: int, strategy: str, steps: int, batch: int, work: Path, threads: int = 0,
+            extra: tuple = ()) -> dict:
     """One `instructune train` of `steps` steps of a global batch of 2 x `batch`: micro-batches of `batch`, two
     accumulated in one process, one in each of two (the same passes, so the losses differ only by the order in
     which the two halves' gradients are summed)."""
@@ -45,7 +48,7 @@ def run_one(model: str, processes: int, strategy: str, steps: int, batch: int, w
     overrides = [f"model.name={model}", "train.method=full", f"train.strategy={strategy}",
                  f"train.batch_size={batch}", f"train.grad_accum={2 // processes}", "train.epochs=1",
                  f"tasks.0.data.max_train={steps * 2 * batch}", "train.max_validation=8",
-                 f"output_dir={work / name}", "train.max_length=128"]
+                 f"output_dir={work / name}", "train.max_length=128", "train.lr=5e-5", *extra]
     cli = [sys.executable, "-m", "instructune.cli", "train", str(ROOT / "configs/uci-sentiment.yaml")]
     cli += [a for o in overrides for a in ("--set", o)]
     threads = threads or max(1, os.cpu_count() // processes)
@@ -77,10 +80,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="per process (default: the cores over the processes)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every run")
     args = ap.parse_args()
     settings = [(1, "ddp"), (2, "ddp"), (2, "fsdp")]
     with tempfile.TemporaryDirectory(prefix="instructune-mem-") as tmp:
-        rows = [run_one(args.model, n, s, args.steps, args.batch, Path(tmp), args.threads) for n, s in settings]
+        rows = [run_one(args.model, n, s, args.steps, args.batch, Path(tmp), args.threads, tuple(args.set))
+                for n, s in settings]
     print(f"\n{args.model}, full fine-tuning, fp32, {args.steps} steps of a global batch of {2 * args.batch}; GB per "
           f"process; host allocator {', '.join(sorted({r['allocator'] for r in rows}))} "
           "(INSTRUCTUNE_ALLOCATOR=system for glibc's)\n")

@@ -61,7 +61,12 @@ def test_sharding_divides_the_state_and_ddp_doubles_the_gradients():
     assert one.parts["weights"] == 4000 and one.parts["gradients"] == 4000 and one.parts["optimizer"] == 8000
     assert ddp.parts["gradients"] == 8000 and ddp.parts["weights"] == 4000  # the reduction buckets
     assert fsdp.parts["weights"] == 1000 and fsdp.parts["optimizer"] == 2000 and fsdp.parts["gradients"] == 1000
-    assert fsdp.parts["gathered"] == (200 + 2 * 400) * 4 + 400 * 4  # root + two layers in flight, one layer's grads
+    assert fsdp.parts["gathered"] == (200 + 2 * 400) * 4 + 400 * 8  # root + two layers in flight; the largest unit's
+    big_root = memory.Shape(parameters=1000, trainable=1000, root=600, layer=200, layers=2, hidden=8, mlp=16, vocab=50)
+    assert memory.footprint(big_root, "fsdp", 4, 64, 8, method="full").parts["gathered"] == (600 + 2 * 200) * 4 + 600 * 8
+    assert memory.footprint(big_root, "fsdp", 4, 64, 8, method="full", bf16=True).parts["gathered"] == \
+        (600 + 2 * 200) * 2 + 600 * 6  # the gradient whole in bf16, reduce-scattered from fp32
+    assert memory.footprint(big_root, "fsdp", 4, 64, 8).parts["gathered"] == (600 + 2 * 200) * 4  # LoRA: none
     assert fsdp.parts["loading"] == 50 * 8 // 4 * 4 and ddp.parts["loading"] == 0  # its rows of the embeddings
     assert fsdp.state / ddp.state < 0.6
     lora_bf16 = memory.footprint(memory.Shape(1000, 10, 200, 400, 2, 8, 16, 50), "ddp", 1, 64, 8, bf16=True)

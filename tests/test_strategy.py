@@ -12,7 +12,7 @@ from instructune.config import TrainConfig, load_config
 from instructune.errors import InstructuneError
 from instructune.io import old_copy, replaced_folder
 from instructune.train.checkpoint import newest_checkpoint, remove_checkpoints
-from instructune.train.optim import OPTIMIZERS, SCHEDULES, lr_factor, make_optimizer
+from instructune.train.optim import OPTIMIZERS, SCHEDULES, clip_gradients, lr_factor, make_optimizer
 from instructune.train.strategy import DDP, FSDP, Single, strategy_for
 
 
@@ -70,6 +70,43 @@ def test_the_optimizer_is_fused_adamw_with_the_configured_decay():
     optimizer, _ = make_optimizer([param], TrainConfig(lr=0.01, weight_decay=0.1), 5, torch.device("cpu"))
     assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"]
     assert optimizer.defaults["lr"] == 0.01 and optimizer.defaults["weight_decay"] == 0.1
+
+
+def _params(*grads):
+    out = []
+    for g in grads:
+        out.append(torch.nn.Parameter(torch.zeros_like(g)))
+        out[-1].grad = g.clone()
+    return out
+
+
+@pytest.mark.parametrize("scale", [0.001, 1.0, 40.0])
+def test_the_clipping_norm_is_the_same_bit_for_bit_wherever_the_gradients_are_cut(scale):
+    """FSDP holds each gradient cut in two: the norm (and so each clipped gradient) must not depend on the cut,
+    or the update differs from one process's in its last bits and Adam carries it on (torch's fp32 norm does)."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=g) * scale for n in (2_500_003, 4_097, 1)]
+    for cut in (1, 1_000_000, 1_250_001, 2_499_999):  # the first gradient cut where two processes would hold it
+        whole, pieces = _params(*grads), _params(grads[0][:cut], grads[0][cut:], *grads[1:])
+        assert clip_gradients(whole, 1.0) == clip_gradients(pieces, 1.0)
+        assert torch.equal(whole[0].grad, torch.cat([pieces[0].grad, pieces[1].grad]))
+        assert all(torch.equal(a.grad, b.grad) for a, b in zip(whole[1:], pieces[2:]))
+    exact = math.sqrt(sum(float((t.double() ** 2).sum()) for t in grads))
+    clipped = _params(*grads)
+    norm = clip_gradients(clipped, 1.0)
+    assert norm == pytest.approx(exact, rel=1e-7)  # fp64 sums: within the fp32 rounding of the exact norm
+    after = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in clipped))
+    assert after == pytest.approx(min(exact, 1.0), rel=1e-5)  # clipped to 1, or left as it was
+    if exact < 1.0:
+        assert all(torch.equal(p.grad, t) for p, t in zip(clipped, grads))
+
+
+def test_a_non_finite_gradient_norm_is_returned_and_the_gradients_left_as_they_are():
+    grads = [torch.tensor([1.0, float("inf")]), torch.tensor([float("nan")])]
+    params = _params(*grads)
+    assert not math.isfinite(clip_gradients(params, 1.0))
+    assert torch.equal(params[0].grad, grads[0]) and params[1].grad.isnan().all()
+    assert clip_gradients([torch.nn.Parameter(torch.zeros(2))], 1.0) == 0.0  # no gradient yet
 
 
 def test_the_config_accepts_exactly_the_tables_names():

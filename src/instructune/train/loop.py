@@ -26,7 +26,7 @@ from .checkpoint import check_meta, newest_checkpoint
 from .collate import collate
 from .fused import lean_blocks
 from .loss import completion_loss_sum, to_device, validation_loss
-from .optim import make_optimizer
+from .optim import clip_gradients, make_optimizer
 from .strategy import Strategy, strategy_for
 
 
@@ -205,8 +205,7 @@ def train_step(forward, strategy: Strategy, passes: tuple[list[dict], float, int
 
 def optimizer_step(named, optimizer, scheduler, max_grad_norm: float | None, step: int) -> None:
     if max_grad_norm:
-        norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], max_grad_norm)
-        diverged(step, "gradient norm", norm.item())
+        diverged(step, "gradient norm", clip_gradients([p for _, p in named], max_grad_norm))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

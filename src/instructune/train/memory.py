@@ -11,7 +11,10 @@ The accounting (bytes per process, N processes, P parameters of which T are trai
   gradients   T x 4, and under DDP with N > 1 the same again for its reduction buckets  FSDP: / N
   optimizer   T x 8 (AdamW's two moments, fp32)                                         FSDP: / N
   gathered    FSDP only: the full weights of the units in flight (the root unit — embeddings, final norm — and
-              two decoder layers, the running one and the prefetched one) and one layer's full gradient
+              two decoder layers, the running one and the prefetched one); full fine-tuning also the largest
+              unit's full gradient and the fp32 copy it is reduce-scattered from: the root's, at the end of
+              backward (SmolLM2-135M, 2 processes: 1.65 GB live then, by tcmalloc's counters, the plan's parts
+              at that moment 1.6 GB; it had counted one layer's gradient and planned 10-21 % under the peak)
   loading     FSDP: what a process holds while loading besides its shards: the rows of one weight in transit
               (the largest: the embeddings or an MLP matrix). The model is built on the meta device, sharded, and
               each process reads only its own rows of each weight from the safetensors files (`train/fsdp.py`);
@@ -282,7 +285,7 @@ def footprint(shape: Shape, strategy: str, processes: int, tokens: int, supervis
         loading = -(-max(shape.vocab, shape.mlp) * shape.hidden // processes) * weight_bytes  # one weight's rows
         weights, gradients, optimizer = (-(-x // processes) for x in (weights, gradients, optimizer))
         gathered = (shape.root + 2 * shape.layer) * (2 if bf16 else weight_bytes)
-        gathered += shape.layer * 4 if method == "full" else 0
+        gathered += max(shape.root, shape.layer) * ((2 if bf16 else 4) + 4) if method == "full" else 0
     else:
         gradients *= 2 if processes > 1 else 1  # DDP's reduction buckets hold a second copy
     if method == "qlora" and device != "cuda":  # the full-precision weights quantized at load stay with the process
