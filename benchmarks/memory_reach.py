@@ -219,7 +219,7 @@ def over_seeds(model: str, data: str, runs: dict) -> list[str]:
     """Each method's test accuracy over the seeds (each seed: its own split, adapter init and data order; the
     methods of one seed share all three), and each method's difference from LoRA fp32, seed by seed and on average."""
     seeds = sorted(runs)
-    if len(seeds) < 2 or any(runs[s]["lora-fp32"]["accuracy"] is None for s in seeds if "lora-fp32" in runs[s]):
+    if len(seeds) < 2:
         return []
     out = []
     for name in runs[seeds[0]]:
@@ -228,7 +228,7 @@ def over_seeds(model: str, data: str, runs: dict) -> list[str]:
             continue
         line = f"{model} {data} {name}: test accuracy over seeds {seeds}: mean {sum(accs) / len(accs):.4f} ("
         line += ", ".join(f"{a:.4f}" for a in accs) + ")"
-        if name != "lora-fp32" and "lora-fp32" in runs[seeds[0]]:
+        if name != "lora-fp32" and None not in (runs[s].get("lora-fp32", {}).get("accuracy") for s in seeds):
             diffs = [100 * (runs[s][name]["accuracy"] - runs[s]["lora-fp32"]["accuracy"]) for s in seeds]
             line += (f"; against lora-fp32 {sum(diffs) / len(diffs):+.2f} points on average (" +
                      ", ".join(f"{d:+.2f}" for d in diffs) + "; target within 1.5)")
