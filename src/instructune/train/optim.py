@@ -39,18 +39,19 @@ def clip_gradients(params: list, max_norm: float) -> float:
     carries that into every later step (`benchmarks/memory_scaling.py`: FSDP x 2's losses 4e-6 off one process's after
     one step; with this, equal bit for bit where the passes are the same). The fp64 sum is also the more exact: torch's
     fp32 norm of 67M normal values here is 0.5 % off."""
-    local = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in params) if g is not None]
-    if not local:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
         return 0.0
+    mesh = next((g.device_mesh for g in grads if hasattr(g, "device_mesh")), None)  # FSDP: DTensor shards
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
     total = torch.zeros((), dtype=torch.float64, device=local[0].device)
     for g in local:
         flat, chunk = g.reshape(-1), 1 << (24 if g.is_cuda else 20)  # the squares of 4 MB at a time on a CPU
         for i in range(0, flat.numel(), chunk):
             part = flat[i:i + chunk].float()  # (a bf16 gradient squared in fp32)
             total += torch.sum(part * part, dtype=torch.float64)
-    sharded = next((p.grad for p in params if hasattr(p.grad, "device_mesh")), None)
-    if sharded is not None:
-        torch.distributed.all_reduce(total, group=sharded.device_mesh.get_group())
+    if mesh is not None:
+        torch.distributed.all_reduce(total, group=mesh.get_group())
     norm = total.sqrt().float().item()  # rounded to fp32 once: the same whatever the cuts
     coef = max_norm / (norm + 1e-6)
     if coef < 1.0 and math.isfinite(norm):
