@@ -230,6 +230,7 @@ def _shard_worker(rank: int, model_dir: str, store: str, out: str, gemma_dir: st
     from transformers import AutoModelForCausalLM
 
     from instructune.train import fsdp
+    from instructune.train.fused import tied_gradient
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
@@ -240,14 +241,22 @@ def _shard_worker(rank: int, model_dir: str, store: str, out: str, gemma_dir: st
         fsdp.shard(model, False, 2)
         local = {n: p.to_local().numel() for n, p in model.named_parameters()}
         ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+        release, released = fsdp.release_tied_weights(model), []
+
+        def after_head():  # the root unit's gathered embeddings freed (the sharded ones registered again) mid-backward
+            release()
+            released.append(isinstance(model.get_input_embeddings().weight, torch.distributed.tensor.DTensor))
+
         for m in (model, reference):
             optimizer = torch.optim.AdamW(m.parameters(), lr=1e-2)
-            m(input_ids=ids, labels=ids).loss.backward()
+            with tied_gradient(m, after_head if m is model else None) as tied:
+                assert tied
+                m(input_ids=ids, labels=ids).loss.backward()
             optimizer.step()
             if m is model:
                 state = sum(t.to_local().numel() for s in optimizer.state.values() for k, t in s.items() if k != "step")
         plain = fsdp.gathered(model)
-        result = {"full": full, "local": local, "state": state,
+        result = {"full": full, "local": local, "state": state, "released": released,
                   "wrapped": sum(isinstance(m, FSDPModule) for m in model.modules())}
         if rank == 0:
             ref = reference.state_dict()
@@ -363,7 +372,9 @@ def test_each_process_holds_half_of_the_weights_and_optimizer_state(tmp_path, ti
     ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
     full = ranks[0]["full"]
     total = sum(full.values())
-    assert all(r["wrapped"] == 3 for r in ranks)  # 2 decoder layers, then the root
+    assert all(r["wrapped"] == 4 for r in ranks)  # 2 decoder layers, the final norm, then the root
+    # the tied embeddings' gradient built in one tensor, their gathered copy freed once the head's backward ran
+    assert all(r["released"] == [True] for r in ranks)
     for name, n in full.items():  # every parameter split in two (by rows), none kept whole
         assert sum(r["local"][name] for r in ranks) == n and max(r["local"][name] for r in ranks) < n
     for r in ranks:

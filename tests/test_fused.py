@@ -129,3 +129,117 @@ def test_a_mode_change_inside_keeps_the_lean_forward_and_leaving_restores_the_cl
         assert type(norm).forward is lean_rms_norm and isinstance(norm, LlamaRMSNorm)
         assert type(norm).__name__ == "LlamaRMSNorm"  # names matched elsewhere (`_no_split_modules`) still match
     assert type(norm) is LlamaRMSNorm and type(model.model.layers[0].mlp) is LlamaMLP
+
+
+def _tied(arch: str):
+    cls, config = ARCHS[arch]
+    config = dataclasses.replace(config) if dataclasses.is_dataclass(config) else config.__class__(**config.to_dict())
+    config.tie_word_embeddings = True
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = cls(config).train()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return model
+
+
+def _vocab_tensors_in_backward(model, ids) -> int:
+    """How many tensors of the embeddings' size backward allocates (not views, not results written in place)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    size = model.get_input_embeddings().weight.numel()
+    made = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                     if isinstance(a, torch.Tensor)}
+            if isinstance(out, torch.Tensor) and out.numel() == size and out.untyped_storage().data_ptr() not in given:
+                made.append(func.__name__)
+            return out
+
+    loss = model(input_ids=ids).logits.sum()
+    with Count():
+        loss.backward()
+    return len(made)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+def test_tied_embeddings_one_gradient_tensor_the_same_gradients(arch):
+    """The head and the lookup of one weight: the same logits bit for bit, the same gradients up to rounding (Phi-3:
+    a padding row, which the lookup leaves without gradient as nn.Embedding does), and one whole-vocabulary tensor
+    made in backward where autograd makes three."""
+    from instructune.train.fused import tied_gradient
+
+    model = _tied(arch)
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+    ids[0, :3] = 0  # Phi-3's padding id: its row gets the head's gradient only
+    logits, grads = _step(model, ids)
+    classes = [type(m) for m in model.modules()]
+    with tied_gradient(model) as changed:
+        assert changed
+        tied_logits, tied_grads = _step(model, ids)
+        assert _vocab_tensors_in_backward(model, ids) == 1
+    assert _vocab_tensors_in_backward(model, ids) == 3  # autograd's: the head's part, the lookup's, their sum
+    assert torch.equal(tied_logits, logits)
+    assert tied_grads.keys() == grads.keys() and grads_gap(tied_grads, grads) < GRAD_RTOL
+    assert [type(m) for m in model.modules()] == classes
+
+
+def test_tied_gradient_a_head_without_its_lookup_and_two_lookups_in_one_graph():
+    """A prefix pass through the inner model (a lookup, no head), embeddings computed outside the model (a lookup whose
+    output is detached, then a head given embeddings) and a pass given undetached embeddings, beside the rows' pass:
+    the gradients autograd gives."""
+    from instructune.train.fused import tied_gradient
+
+    model = _tied("llama")
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+
+    def passes():
+        model.zero_grad(set_to_none=True)
+        prefix = model.model(input_ids=ids[:, :3]).last_hidden_state.sum()  # a lookup, no head
+        embedded = model(inputs_embeds=model.get_input_embeddings()(ids[:, 3:]).detach()).logits.sum()  # no lookup
+        given = model(inputs_embeds=model.get_input_embeddings()(ids[:, 2:])).logits.mean()
+        rows = model(input_ids=ids).logits.pow(2).mean()
+        (prefix + embedded + given + rows).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = passes()
+    with tied_gradient(model):
+        tied = passes()
+    assert grads_gap(tied, plain) < GRAD_RTOL
+
+
+def test_tied_gradient_leaves_alone_what_it_does_not_reproduce():
+    """Untied weights, Gemma 3's scaled embeddings, a frozen weight (LoRA) and evaluation run as they are."""
+    from instructune.train.fused import TiedHead, tied_gradient
+
+    with tied_gradient(_model("llama")) as changed:  # untied
+        assert not changed
+    gemma = _tied("gemma3")
+    with tied_gradient(gemma) as changed:
+        assert not changed
+    model = _tied("llama")
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(4))
+    with tied_gradient(model):
+        with torch.no_grad():
+            assert model(input_ids=ids).logits.grad_fn is None
+        model.get_input_embeddings().weight.requires_grad_(False)
+        out = model(input_ids=ids).logits
+        assert type(out.grad_fn).__name__ != TiedHead.__name__ + "Backward"
+        model.get_input_embeddings().weight.requires_grad_(True)
+        assert model(input_ids=ids).logits.grad_fn.name() == "TiedHeadBackward"
+
+
+def test_a_module_wrapped_inside_the_block_keeps_its_wrapper():
+    """A norm sharded while the lean forward is in (FSDP puts its class on top of the module's): leaving the block
+    does not take FSDP's class away; the others get their own back. Outside FSDP nothing is freed early."""
+    from instructune.train.fsdp import release_tied_weights
+
+    model = _model("llama")
+    norm, mlp = model.model.norm, model.model.layers[0].mlp
+    with lean_blocks(model):
+        wrapped = type("FSDPLlamaRMSNorm", (type(norm),), {})
+        norm.__class__ = wrapped
+    assert type(norm) is wrapped and type(mlp) is LlamaMLP
+    assert release_tied_weights(_tied("llama")) is None

@@ -24,7 +24,7 @@ from .batching import length_grouped_batches, split_by_tokens
 from . import memory
 from .checkpoint import check_meta, newest_checkpoint
 from .collate import collate
-from .fused import lean_blocks
+from .fused import lean_blocks, tied_gradient
 from .loss import completion_loss_sum, to_device, validation_loss
 from .optim import clip_gradients, make_optimizer
 from .strategy import Strategy, strategy_for
@@ -48,7 +48,7 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
     weights kept. Several processes: DDP or FSDP (`strategy`, by default `strategy_for` the config and process
     count). `measured` gets `memory.measured`'s figures; `on_step(entry)` sees each log entry (MLflow tracking)."""
     device = next(model.parameters()).device
-    with grouped_kv_heads(device), lean_blocks(model, not cfg.gradient_checkpointing):  # (`fused`)
+    with grouped_kv_heads(device), lean_blocks(model, not cfg.gradient_checkpointing), tied_gradient(model):  # `fused`
         torch.manual_seed(seed)
         rank, world = distributed()
         strategy = strategy or strategy_for(cfg, world, model, score_fn)

@@ -14,7 +14,9 @@ The accounting (bytes per process, N processes, P parameters of which T are trai
               two decoder layers, the running one and the prefetched one); full fine-tuning also the largest
               unit's full gradient and the fp32 copy it is reduce-scattered from: the root's, at the end of
               backward (SmolLM2-135M, 2 processes: 1.65 GB live then, by tcmalloc's counters, the plan's parts
-              at that moment 1.6 GB; it had counted one layer's gradient and planned 10-21 % under the peak)
+              at that moment 1.6 GB; it had counted one layer's gradient and planned 10-21 % under the peak). Tied
+              embeddings in full fine-tuning free their gathered copy once the head's backward has run
+              (`fsdp.release_tied_weights`); the plan still counts it, and is 4-6 % over SmolLM2's peak
   loading     FSDP: what a process holds while loading besides its shards: the rows of one weight in transit
               (the largest: the embeddings or an MLP matrix). The model is built on the meta device, sharded, and
               each process reads only its own rows of each weight from the safetensors files (`train/fsdp.py`);
