@@ -13,7 +13,7 @@ from instructune.errors import InstructuneError
 from instructune.io import old_copy, replaced_folder
 from instructune.train.checkpoint import newest_checkpoint, remove_checkpoints
 from instructune.train.optim import OPTIMIZERS, SCHEDULES, clip_gradients, lr_factor, make_optimizer
-from instructune.train.strategy import DDP, FSDP, Single, strategy_for
+from instructune.train.strategy import DDP, FSDP, Single, prefix_pass, strategy_for
 
 
 def _lrs(scheduler: str, total: int = 10, warmup_ratio: float = 0.2, lr: float = 0.1) -> list[float]:
@@ -133,7 +133,7 @@ def test_one_process_trains_the_model_as_it_is():
         assert type(strategy) is Single
     model = torch.nn.Linear(2, 2)
     assert strategy.wrap(model) is model and strategy.gather(model) is model
-    assert strategy.plan_name == "ddp" and strategy.two_pass and strategy.meta == {}
+    assert strategy.plan_name == "ddp" and prefix_pass(strategy.plan_name, 1, False) and strategy.meta == {}
     assert strategy.writes(0) and not strategy.writes(1)
     with strategy.no_sync():
         pass
@@ -142,11 +142,13 @@ def test_one_process_trains_the_model_as_it_is():
 def test_several_processes_replicate_under_ddp_and_shard_under_fsdp(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     ddp = strategy_for(TrainConfig(), 2, None, None)
-    assert type(ddp) is DDP and ddp.plan_name == "ddp" and ddp.two_pass and ddp.meta == {}
+    assert type(ddp) is DDP and ddp.plan_name == "ddp" and prefix_pass(ddp.plan_name, 2, False) and ddp.meta == {}
     assert ddp.writes(0) and not ddp.writes(1)  # every replica holds the same weights: process 0 writes
     sharded = strategy_for(TrainConfig(strategy="fsdp", bf16=True), 4, None, None)
     assert type(sharded) is FSDP and (sharded.bf16, sharded.world) == (True, 4)
-    assert sharded.plan_name == "fsdp" and not sharded.two_pass and sharded.meta == {"strategy": "fsdp"}
+    assert sharded.plan_name == "fsdp" and not prefix_pass(sharded.plan_name, 4, False)
+    assert sharded.meta == {"strategy": "fsdp"}
+    assert not prefix_pass("ddp", 1, True) and prefix_pass("fsdp", 1, False)  # checkpointing; one process: no shards
     assert sharded.writes(0) and sharded.writes(3)  # each process writes its own shards
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # `accelerate launch --use_fsdp`: the config need not say
     assert type(strategy_for(TrainConfig(), 2, None, None)) is FSDP

@@ -30,7 +30,7 @@ from .train.checkpoint import newest_checkpoint, remove_checkpoints
 from .train import memory
 from .train.loop import train
 from .train.loss import perplexity
-from .train.strategy import strategy_for
+from .train.strategy import prefix_pass, strategy_for
 
 
 def run(cfg: ExperimentConfig, resume: bool = False, restart: bool = False, force: bool = False,
@@ -260,10 +260,10 @@ def memory_plan(prep: Prepared, train_set: list, train_cfg=None, gpu: bool | Non
         evaluation = memory.generation_bytes(shape, min(prep.cfg.evaluate.batch_size, cfg.metric_samples), prompt,
                                              max(t.template.max_new_tokens for t in prep.tasks), cfg.bf16)
     passes = memory.passes_per_step(lengths, cfg.batch_size, cfg.pass_tokens, cfg.grad_accum)
-    sizes = {}  # the largest pass, by whether the shared prefix may run as a pass of its own (`loop.Plan.two_pass`)
+    sizes = {}  # the largest pass, by whether the shared prefix may run as a pass of its own (`prefix_pass`)
 
     def plan(strategy: str, processes: int) -> memory.Footprint:
-        two_pass = not cfg.gradient_checkpointing and not (strategy == "fsdp" and processes > 1)
+        two_pass = prefix_pass(strategy, processes, cfg.gradient_checkpointing)
         if two_pass not in sizes:
             sizes[two_pass] = memory.pass_size(lengths, supervised, cfg.batch_size, cfg.pass_tokens,
                                                examples=train_set, packing=cfg.packing,

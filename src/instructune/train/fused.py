@@ -151,7 +151,6 @@ class TiedHead(torch.autograd.Function):
         part = grad.reshape(-1, grad.shape[-1]).t() @ hidden.reshape(-1, hidden.shape[-1])
         ctx.pair.grad = part if ctx.pair.grad is None else ctx.pair.grad.add_(part)
         grad_hidden = (grad @ weight) if ctx.needs_input_grad[0] else None
-        del weight, hidden
         if ctx.after is not None:  # the weight is read by nothing later in backward (FSDP: free its gathered copy)
             ctx.after()
         return grad_hidden, None, None, None

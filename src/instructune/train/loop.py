@@ -27,7 +27,7 @@ from .collate import collate
 from .fused import lean_blocks, tied_gradient
 from .loss import completion_loss_sum, to_device, validation_loss
 from .optim import clip_gradients, make_optimizer
-from .strategy import Strategy, strategy_for
+from .strategy import Strategy, prefix_pass, strategy_for
 
 
 def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainConfig, pad_id: int, seed: int, *,
@@ -54,7 +54,8 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
         strategy = strategy or strategy_for(cfg, world, model, score_fn)
         forward = strategy.wrap(model)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # FSDP: this process's shards
-        plan = Plan(train_set, cfg, pad_id, seed, world, attention_window(model), takes_4d_mask(model), strategy.two_pass)
+        plan = Plan(train_set, cfg, pad_id, seed, world, attention_window(model), takes_4d_mask(model),
+                    prefix_pass(strategy.plan_name, world, cfg.gradient_checkpointing))
         optimizer, scheduler = make_optimizer([p for _, p in named], cfg, plan.total_steps, device)
         best, progress = Best(cfg), Progress()
         meta = {**(checkpoint_meta or {}), "total_steps": plan.total_steps, "processes": world,
@@ -66,9 +67,7 @@ def train(model, train_set: list[Encoded], val_set: list[Encoded], cfg: TrainCon
             best.state = state.get("best", best.state)
         log = TrainLog(log_path, tensorboard_dir, progress.step, resume, on_step, writes=rank == 0, device=device)
         model.train()
-        progress.start()
-        bar = tqdm(total=plan.total_steps, initial=progress.step, desc="fine-tuning", unit="step",
-                   dynamic_ncols=True, disable=rank > 0)
+        bar = progress.start(plan.total_steps, show=rank == 0)
         for group in plan.groups(progress.step):
             loss, tokens = train_step(forward, strategy, plan.passes(group, rank, device), world, cfg, device)
             diverged(progress.step + 1, "loss", loss)
@@ -104,8 +103,11 @@ class Progress:
     def restore(self, state: dict) -> None:
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
 
-    def start(self) -> None:
+    def start(self, total: int, show: bool) -> tqdm:
+        """Start the clock; returns the progress bar over `total` steps, from this one (shown where `show`)."""
         self.started = time.perf_counter() - self.elapsed
+        return tqdm(total=total, initial=self.step, desc="fine-tuning", unit="step", dynamic_ncols=True,
+                    disable=not show)
 
     def advance(self, loss: float, tokens: int, lr: float, steps_per_epoch: int) -> dict:
         """Count one optimizer step; its log entry."""
@@ -131,11 +133,9 @@ class Plan:
     world: int
     window: int | None
     fused: bool
-    two_pass: bool = True  # the shared prefix as a pass of its own (`strategy.two_pass`; see `collate`)
+    two_pass: bool = True  # the shared prefix as a pass of its own (`strategy.prefix_pass`; see `collate`)
 
     def __post_init__(self):
-        # checkpointed layers keep no KV cache in training: the prefix cannot run as a pass of its own
-        self.two_pass = self.two_pass and not self.cfg.gradient_checkpointing
         self.lengths = [len(e.input_ids) for e in self.examples]
         self.supervised = [e.n_supervised for e in self.examples]
         self.per_step = self.cfg.batch_size * self.cfg.grad_accum * self.world  # the global batch

@@ -14,6 +14,14 @@ from ..models import training_model
 from . import checkpoint, fsdp
 
 
+def prefix_pass(strategy: str, processes: int, checkpointing: bool) -> bool:
+    """Whether a batch's shared prompt prefix may run as a pass of its own (`collate`): not when sharded (FSDP with
+    several processes: the prefix's keys and values would reach the loss past FSDP's backward hooks), nor under
+    activation checkpointing (checkpointed layers keep no KV cache in training). The training (`loop.Plan`) and the
+    memory plan (`experiment.memory_plan`) both ask here."""
+    return not checkpointing and not (strategy == "fsdp" and processes > 1)
+
+
 def strategy_for(cfg: TrainConfig, world: int, model, score_fn) -> Strategy:
     """Shards under `train.strategy: fsdp` (or an `accelerate launch` FSDP config) with several processes, after
     refusing what the sharded path does not do; otherwise DDP with several processes; one process trains as it is."""
@@ -26,8 +34,7 @@ def strategy_for(cfg: TrainConfig, world: int, model, score_fn) -> Strategy:
 class Single:
     """One process: the model as it is, whole checkpoints (`checkpoint.py`) written by process 0."""
 
-    plan_name = "ddp"  # its name for `memory.footprint` (with one process: no gradient buckets)
-    two_pass = True  # the shared prompt prefix may run as a pass of its own (`collate`)
+    plan_name = "ddp"  # its name for `memory.footprint` and `prefix_pass` (with one process: no gradient buckets)
     meta: dict = {}  # what a checkpoint's meta.json adds to say which layout it holds
 
     def training_model(self, source: str, model_cfg: ModelConfig, train_cfg: TrainConfig):
@@ -76,7 +83,6 @@ class FSDP(Single):
     saving."""
 
     plan_name = "fsdp"
-    two_pass = False  # the prefix's keys and values would reach the loss past FSDP's backward hooks (see `collate`)
     meta = {"strategy": "fsdp"}
 
     def __init__(self, bf16: bool, world: int):
