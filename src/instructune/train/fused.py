@@ -110,11 +110,13 @@ def lean_forward(module: torch.nn.Module):
     return found
 
 
-@functools.cache
-def _lean_class(cls: type, forward) -> type:
-    """`cls` with the leaner forward: same name, a subclass (isinstance holds; transformers' hub-kernel layer, which
-    resets a module's own `forward` whenever the model changes mode, keeps the class's)."""
+def _with_forward(cls: type, forward) -> type:
+    """`cls` with another forward: same name, a subclass (isinstance holds; names are matched elsewhere; transformers'
+    hub-kernel layer, which resets a module's own `forward` whenever the model changes mode, keeps the class's)."""
     return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+_lean_class = functools.cache(_with_forward)  # one class per layer class: the lean forwards are module-level
 
 
 @contextlib.contextmanager
@@ -236,9 +238,7 @@ def tied_gradient(model, after_head=None):
 
     swapped = [(lookup, type(lookup)), (head, type(head))]
     for module, forward in ((lookup, lookup_forward), (head, head_forward)):
-        cls = type(module)  # the same name (names are matched elsewhere), a subclass
-        module.__class__ = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
-                                                       "__qualname__": cls.__qualname__})
+        module.__class__ = _with_forward(type(module), forward)  # (closures of this call: not cached)
     hooks = [model.register_forward_pre_hook(scope(True)), model.register_forward_hook(scope(False))]
     try:
         yield True
